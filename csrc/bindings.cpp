@@ -1,7 +1,84 @@
 // pybind11 bindings of kdpipe._native. Each op lives in its own file; this file only binds them.
+// Inputs are checked here (dtype, rank, C-contiguity) and raise ValueError; kdpipe/ops.py prepares
+// arrays so users never see these. Compute runs with the GIL released.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <string>
+
+#include "kdpipe_native.h"
+
 namespace py = pybind11;
+
+namespace {
+
+void require_c_contiguous(const py::array& a, const char* op) {
+  if (!(a.flags() & py::array::c_style))
+    throw py::value_error(std::string(op) + ": array must be C-contiguous (use np.ascontiguousarray)");
+}
+
+py::tuple tap_targets(const py::array& x, int channel_axis, int threads) {
+  const bool is_half = x.dtype().equal(py::dtype::from_args(py::str("float16")));
+  if (!is_half && !x.dtype().equal(py::dtype::of<float>()))
+    throw py::value_error("tap_targets: expected float32 or float16, got " + std::string(py::str(x.dtype())));
+  if (x.ndim() != 4) throw py::value_error("tap_targets: expected a 4-D activation");
+  if (channel_axis != 1 && channel_axis != 3) throw py::value_error("tap_targets: channel_axis must be 1 or 3");
+  require_c_contiguous(x, "tap_targets");
+  const bool nhwc = channel_axis == 3;
+  const int64_t n = x.shape(0);
+  const int64_t c = x.shape(channel_axis);
+  const int64_t h = x.shape(nhwc ? 1 : 2);
+  const int64_t w = x.shape(nhwc ? 2 : 3);
+  if (n > 0 && (c == 0 || h == 0 || w == 0))
+    throw py::value_error("tap_targets: channel and spatial sizes must be non-zero");
+  py::array_t<float> at({n, h, w});
+  py::array_t<float> pooled({n, c});
+  const void* src = x.data();
+  float* at_p = at.mutable_data();
+  float* pooled_p = pooled.mutable_data();
+  {
+    py::gil_scoped_release release;
+    kdpipe::tap_targets_cpu(src, is_half, nhwc, n, c, h * w, at_p, pooled_p, threads);
+  }
+  return py::make_tuple(at, pooled);
+}
+
+py::array_t<float> dct_targets(const py::array& maps, const std::string& variant, int threads) {
+  kdpipe::DctVariant v;
+  if (!kdpipe::parse_dct_variant(variant.c_str(), &v))
+    throw py::value_error("dct_targets: unknown variant '" + variant + "' (dft-abs, dft, dct2)");
+  if (!maps.dtype().equal(py::dtype::of<float>())) throw py::value_error("dct_targets: expected float32 maps");
+  if (maps.ndim() != 3) throw py::value_error("dct_targets: expected maps of shape (N,H,W)");
+  require_c_contiguous(maps, "dct_targets");
+  const int64_t n = maps.shape(0), h = maps.shape(1), w = maps.shape(2);
+  if (h == 0 || w == 0) throw py::value_error("dct_targets: spatial sizes must be non-zero");
+  py::array_t<float> out({n, h, w});
+  const auto* src = static_cast<const float*>(maps.data());
+  float* dst = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    kdpipe::dct_targets_cpu(src, n, h, w, v, dst, threads);
+  }
+  return out;
+}
+
+// Fills out (uint16 bits, or float16) from x (float32, same size); returns the overflow count.
+template <int64_t (*Convert)(const float*, uint16_t*, int64_t, int)>
+int64_t convert(const py::array& x, py::array& out, int threads) {
+  if (!x.dtype().equal(py::dtype::of<float>())) throw py::value_error("to_storage: expected float32 input");
+  if (out.itemsize() != 2) throw py::value_error("to_storage: output must have 2-byte items");
+  if (out.size() != x.size()) throw py::value_error("to_storage: output size differs from input size");
+  require_c_contiguous(x, "to_storage");
+  require_c_contiguous(out, "to_storage");
+  if (!out.writeable()) throw py::value_error("to_storage: output is read-only");
+  const auto* src = static_cast<const float*>(x.data());
+  auto* dst = static_cast<uint16_t*>(out.mutable_data());
+  const int64_t count = x.size();
+  py::gil_scoped_release release;
+  return Convert(src, dst, count, threads);
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_native, m) {
   m.doc() = "kdpipe native target ops (C++/OpenMP, optional CUDA)";
@@ -10,4 +87,38 @@ PYBIND11_MODULE(_native, m) {
 #else
   m.attr("built_with_cuda") = false;
 #endif
+  m.def("tap_targets", &tap_targets, py::arg("x"), py::arg("channel_axis"), py::arg("num_threads"),
+        "x (N,C,H,W) [channel_axis=1] or (N,H,W,C) [3], float32/float16, C-contiguous -> "
+        "(at (N,H,W) float32 = l2n(mean_c(x^2)), pooled (N,C) float32 = mean_hw(x))");
+  m.def("dct_targets", &dct_targets, py::arg("maps"), py::arg("variant"), py::arg("num_threads"),
+        "maps (N,H,W) float32, C-contiguous; variant 'dft-abs' | 'dft' | 'dct2' -> (N,H,W) float32");
+  m.def("to_float16", &convert<kdpipe::to_float16_cpu>, py::arg("x"), py::arg("out"), py::arg("num_threads"),
+        "float32 x -> out (float16 or uint16, same size), round to nearest even; returns #finite->inf");
+  m.def("to_bfloat16", &convert<kdpipe::to_bfloat16_cpu>, py::arg("x"), py::arg("out"), py::arg("num_threads"),
+        "float32 x -> out (uint16 bfloat16 bits), round to nearest even, NaN -> 0x7fc0; returns #finite->inf");
+  m.def("openmp_max_threads", &kdpipe::openmp_max_threads, "OpenMP's default thread count (0 without OpenMP)");
+  m.def("cuda_device_count", &kdpipe::cuda_device_count,
+        "visible CUDA devices; 0 without a driver, a GPU or a CUDA build (never raises)");
+  m.def("cuda_tap_workspace_bytes", &kdpipe::cuda_tap_workspace_bytes, py::arg("n"), py::arg("c"), py::arg("hw"),
+        py::arg("nhwc"), "device scratch bytes cuda_tap_targets needs");
+  m.def("cuda_tap_targets", &kdpipe::cuda_tap_targets, py::arg("x_ptr"), py::arg("n"), py::arg("c"), py::arg("h"),
+        py::arg("w"), py::arg("channel_axis"), py::arg("is_half"), py::arg("at_ptr"), py::arg("pooled_ptr"),
+        py::arg("workspace_ptr"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "device pointers: x (N,C,H,W)/(N,H,W,C) f32|f16 contiguous -> at (N,H,W) f32, pooled (N,C) f32; "
+        "enqueued on stream (a cudaStream_t as int); raises RuntimeError without a GPU");
+  m.def("cuda_dct_workspace_bytes", &kdpipe::cuda_dct_workspace_bytes, py::arg("n"), py::arg("h"), py::arg("w"),
+        "device scratch bytes cuda_dct_targets needs");
+  m.def(
+      "cuda_dct_targets",
+      [](uintptr_t maps, int64_t n, int64_t h, int64_t w, const std::string& variant, uintptr_t out,
+         uintptr_t workspace, int device, uintptr_t stream) {
+        kdpipe::DctVariant v;
+        if (!kdpipe::parse_dct_variant(variant.c_str(), &v))
+          throw py::value_error("cuda_dct_targets: unknown variant '" + variant + "' (dft-abs, dft, dct2)");
+        py::gil_scoped_release release;
+        kdpipe::cuda_dct_targets(maps, n, h, w, v, out, workspace, device, stream);
+      },
+      py::arg("maps_ptr"), py::arg("n"), py::arg("h"), py::arg("w"), py::arg("variant"), py::arg("out_ptr"),
+      py::arg("workspace_ptr"), py::arg("device"), py::arg("stream"),
+      "device pointers: maps (N,H,W) f32 contiguous -> out (N,H,W) f32; raises RuntimeError without a GPU");
 }

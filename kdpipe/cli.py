@@ -50,6 +50,397 @@ def doctor(as_json: bool, quiet: bool) -> None:
         sys.exit(1)
 
 
+# ----------------------------------------------------------------------------- teacher and cache
+
+
+def _parse_kv(items: tuple[str, ...], what: str) -> dict[str, Any]:
+    """``("depth=16", "width=2.5")`` -> {"depth": 16, "width": 2.5} (YAML scalars)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise KdpipeError(f"{what} {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(t) for t in text.split(","))
+    except ValueError:
+        raise KdpipeError(f"{what} {text!r}: expected comma-separated numbers such as 0.5,0.5,0.5") from None
+
+
+@cli.command()
+@click.argument("teacher", type=click.Path())
+def inspect(teacher: str) -> None:
+    """Show a teacher's input, outputs and candidate taps (and which ones `--taps auto` picks)."""
+    from kdpipe.teacher import inspect_report, load_teacher
+
+    click.echo(inspect_report(load_teacher(teacher)))
+
+
+@cli.command("cache-teacher")
+@click.argument("teacher", type=click.Path())
+@click.option("--data", required=True, help="Dataset: animals, digits, a .npz, or a folder of class folders.")
+@click.option("--out", required=True, type=click.Path(), help="Cache directory (resumed if it exists).")
+@click.option(
+    "--taps",
+    default="auto",
+    show_default=True,
+    help="auto, or comma-separated tensor names, torch module paths, or re:REGEX.",
+)
+@click.option("--targets", default="logits,at,dct,pooled", show_default=True, help="Which targets to cache.")
+@click.option(
+    "--dct-variant",
+    default="dft-abs",
+    show_default=True,
+    help="dft-abs (authors' code), dft (signed), dct2 (true DCT-II); comma-separated for several.",
+)
+@click.option(
+    "--views", default=0, show_default=True, help="Augmented views per sample; 0 = the plain input."
+)
+@click.option(
+    "--augment",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "pad-crop", "rrc"]),
+    help="View policy when --views > 0 (auto: pad-crop for images <= 64 px, else rrc).",
+)
+@click.option("--pad", default=4, show_default=True, help="Padding (px) of pad-crop views.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the view parameters.")
+@click.option("--batch-size", default=256, show_default=True)
+@click.option("--chunk-size", default=0, help="Samples per journaled chunk (default: ~4096 items).")
+@click.option("--provider", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores).")
+@click.option(
+    "--reduce",
+    default="graph",
+    show_default=True,
+    type=click.Choice(["graph", "native"]),
+    help="Reduce taps to targets inside the ONNX graph, or with kdpipe's native ops.",
+)
+@click.option(
+    "--dtype",
+    "map_dtype",
+    default="float16",
+    show_default=True,
+    type=click.Choice(["float16", "bfloat16", "float32"]),
+    help="Storage dtype of maps.",
+)
+@click.option(
+    "--vec-dtype",
+    default="float32",
+    show_default=True,
+    type=click.Choice(["float16", "bfloat16", "float32"]),
+    help="Storage dtype of pooled/logits.",
+)
+@click.option("--shard", default=None, help="INDEX/COUNT of an array job (default: Slurm/Kubernetes env).")
+@click.option("--card", type=click.Path(), default=None, help="YAML teacher card (preprocessing).")
+@click.option("--input-size", type=int, default=None, help="Teacher input side (px), if not in the graph.")
+@click.option("--scale", type=float, default=None, help="Pixel scale: 1/255 -> 0.00392156862745098, or 1.")
+@click.option("--mean", default=None, help="Per-channel mean after scaling, e.g. 0.485,0.456,0.406.")
+@click.option("--std", default=None, help="Per-channel std after scaling.")
+@click.option("--bgr", is_flag=True, help="The teacher expects BGR channel order.")
+@click.option("--no-progress", is_flag=True)
+def cache_teacher_cmd(
+    teacher: str,
+    data: str,
+    out: str,
+    taps: str,
+    targets: str,
+    dct_variant: str,
+    views: int,
+    augment: str,
+    pad: int,
+    seed: int,
+    batch_size: int,
+    chunk_size: int,
+    provider: str,
+    threads: int | None,
+    reduce: str,
+    map_dtype: str,
+    vec_dtype: str,
+    shard: str | None,
+    card: str | None,
+    input_size: int | None,
+    scale: float | None,
+    mean: str | None,
+    std: str | None,
+    bgr: bool,
+    no_progress: bool,
+) -> None:
+    """Run TEACHER (an ONNX file) once over --data and cache its distillation targets in --out."""
+    from kdpipe.cache_teacher import CacheJob, cache_teacher
+
+    overrides: dict[str, Any] = {}
+    if input_size:
+        overrides["input_size"] = input_size
+    if scale is not None:
+        overrides["scale"] = scale
+    if mean is not None:
+        overrides["mean"] = _floats(mean, "--mean")
+    if std is not None:
+        overrides["std"] = _floats(std, "--std")
+    if bgr:
+        overrides["channel_order"] = "bgr"
+    job = CacheJob(
+        teacher=teacher,
+        data=data,
+        out=out,
+        taps=taps if taps == "auto" else [t.strip() for t in taps.split(",") if t.strip()],
+        targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
+        dct_variants=tuple(v.strip() for v in dct_variant.split(",") if v.strip()),
+        views=views,
+        augment=augment,
+        pad=pad,
+        seed=seed,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        provider=provider,
+        threads=threads,
+        reduce=reduce,
+        map_dtype=map_dtype,
+        vec_dtype=vec_dtype,
+        shard=shard,
+        card=card,
+        spec_overrides=overrides,
+        progress=not no_progress,
+    )
+    s = cache_teacher(job, log=lambda m: click.echo(m, err=True))
+    acc = s["teacher_accuracy"]
+    click.echo(
+        f"cached {s['items_done']} item(s) ({s['samples']} samples x {s['views']} view(s), "
+        f"shard {s['shard']}) "
+        f"in {s['seconds']:.1f} s ({s['items_per_s'] or 0:,.0f} img/s); "
+        f"{(s['bytes_on_disk'] or 0) / 2**20:.1f} MiB on disk; complete: {s['complete']}"
+        + (f"; teacher top-1 on these views: {100 * acc:.2f}%" if acc is not None else "")
+    )
+
+
+@cli.group()
+def cache() -> None:
+    """Inspect, verify and merge caches."""
+
+
+@cache.command("info")
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True)
+def cache_info(path: str, as_json: bool) -> None:
+    """Summary of a cache: samples, views, taps, arrays, bytes, completeness."""
+    from kdpipe import cache as cache_mod
+
+    info = cache_mod.info(path)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    for k, v in info.items():
+        if isinstance(v, dict):
+            click.echo(f"{k}:")
+            for k2, v2 in v.items():
+                click.echo(f"  {k2}: {v2}")
+        else:
+            click.echo(f"{k}: {v}")
+
+
+@cache.command("verify")
+@click.argument("path", type=click.Path())
+def cache_verify(path: str) -> None:
+    """Re-read every byte and check it against the journal's checksums; exit 1 on any problem."""
+    from kdpipe import cache as cache_mod
+
+    problems = cache_mod.verify(path)
+    for p in problems:
+        click.echo(f"DAMAGED: {p}")
+    if problems:
+        click.echo(f"kdpipe: {len(problems)} problem(s) in {path}", err=True)
+        sys.exit(1)
+    click.echo(f"{path}: OK")
+
+
+@cache.command("merge")
+@click.argument("src", type=click.Path())
+@click.argument("dst", type=click.Path())
+def cache_merge(src: str, dst: str) -> None:
+    """Write a single-shard copy of a complete sharded cache."""
+    from kdpipe import cache as cache_mod
+
+    cache_mod.merge(src, dst)
+    click.echo(f"merged {src} -> {dst}")
+
+
+# ----------------------------------------------------------------------------- students
+
+
+@cli.command("distill")
+@click.option("--cache", "cache_path", type=click.Path(), default=None, help="Target cache (cache-teacher).")
+@click.option(
+    "--online-teacher",
+    type=click.Path(),
+    default=None,
+    help="Baseline: run this ONNX teacher every step instead of reading a cache.",
+)
+@click.option("--data", required=True, help="Training dataset (the one the cache was made from).")
+@click.option("--val-data", default=None, help="Evaluation dataset, e.g. animals:val.")
+@click.option("--student", default="resnet20", show_default=True, help="Zoo name or my_pkg.models:make_net.")
+@click.option("--student-arg", multiple=True, help="KEY=VALUE passed to the student factory (repeatable).")
+@click.option(
+    "--student-taps", default="auto", show_default=True, help="auto or comma-separated module paths."
+)
+@click.option("--teacher-taps", default="auto", show_default=True, help="Online teacher only.")
+@click.option("--method", default="kd", show_default=True, help="ce, kd, at, dct, afd or sums like at+kd.")
+@click.option("--weight", multiple=True, help="Override a loss weight, e.g. --weight at=1000 (repeatable).")
+@click.option(
+    "--dct-variant", default=None, help="Which cached DCT variant to use (default: the cached one)."
+)
+@click.option("--teacher-correct-mask", is_flag=True, help="DCT: ignore samples the teacher gets wrong.")
+@click.option("--temperature", default=4.0, show_default=True)
+@click.option("--views", default=0, show_default=True, help="Online teacher only: views per sample.")
+@click.option("--augment", default="auto", show_default=True, help="Online teacher only.")
+@click.option("--view-seed", default=0, show_default=True, help="Online teacher only.")
+@click.option("--out", required=True, type=click.Path(), help="Run folder.")
+@click.option("--epochs", default=10, show_default=True)
+@click.option("--batch-size", default=128, show_default=True)
+@click.option("--lr", default=0.1, show_default=True)
+@click.option("--optimizer", default="sgd", show_default=True, type=click.Choice(["sgd", "adamw"]))
+@click.option("--momentum", default=0.9, show_default=True)
+@click.option("--nesterov/--no-nesterov", default=True, show_default=True)
+@click.option("--weight-decay", default=5e-4, show_default=True)
+@click.option(
+    "--schedule", default="cosine", show_default=True, type=click.Choice(["cosine", "multistep", "constant"])
+)
+@click.option("--milestones", default="", help="Multistep epochs, e.g. 60,120,160.")
+@click.option("--gamma", default=0.2, show_default=True, help="Multistep factor.")
+@click.option("--warmup-epochs", default=0.0, show_default=True)
+@click.option("--label-smoothing", default=0.0, show_default=True)
+@click.option("--amp", default="none", show_default=True, type=click.Choice(["none", "bf16", "fp16"]))
+@click.option("--channels-last", is_flag=True)
+@click.option("--clip-grad", default=0.0, show_default=True, help="Max gradient norm (0 = off).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--eval-every", default=1, show_default=True)
+@click.option("--workers", default=2, show_default=True, help="DataLoader worker processes.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--threads", type=int, default=None)
+@click.option("--resume", is_flag=True, help="Continue the run in --out where it stopped.")
+@click.option("--no-export", is_flag=True, help="Skip the ONNX export at the end.")
+@click.option("--no-progress", is_flag=True)
+@click.option("--max-steps", default=0, help="Stop after this many steps (smoke tests, benchmarks).")
+def distill_cmd(
+    cache_path: str | None,
+    online_teacher: str | None,
+    data: str,
+    val_data: str | None,
+    student: str,
+    student_arg: tuple[str, ...],
+    student_taps: str,
+    teacher_taps: str,
+    method: str,
+    weight: tuple[str, ...],
+    dct_variant: str | None,
+    teacher_correct_mask: bool,
+    temperature: float,
+    views: int,
+    augment: str,
+    view_seed: int,
+    out: str,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    optimizer: str,
+    momentum: float,
+    nesterov: bool,
+    weight_decay: float,
+    schedule: str,
+    milestones: str,
+    gamma: float,
+    warmup_epochs: float,
+    label_smoothing: float,
+    amp: str,
+    channels_last: bool,
+    clip_grad: float,
+    seed: int,
+    eval_every: int,
+    workers: int,
+    device: str,
+    threads: int | None,
+    resume: bool,
+    no_export: bool,
+    no_progress: bool,
+    max_steps: int,
+) -> None:
+    """Train a student from a teacher cache (or from an online teacher, for comparison)."""
+    from kdpipe.train import DistillConfig, distill
+
+    def taps_arg(t: str) -> str | list[str]:
+        return t if t == "auto" else [x.strip() for x in t.split(",") if x.strip()]
+
+    try:
+        ms = [int(m) for m in milestones.split(",") if m.strip()]
+    except ValueError:
+        raise KdpipeError(f"--milestones {milestones!r}: expected epochs such as 60,120,160") from None
+    cfg = DistillConfig(
+        data=data,
+        out=out,
+        student=student,
+        student_kwargs=_parse_kv(student_arg, "--student-arg"),
+        method=method,
+        weights={k: float(v) for k, v in _parse_kv(weight, "--weight").items()},
+        cache=cache_path,
+        online_teacher=online_teacher,
+        val_data=val_data,
+        student_taps=taps_arg(student_taps),
+        teacher_taps=taps_arg(teacher_taps),
+        views=views,
+        augment=augment,
+        view_seed=view_seed,
+        dct_variant=dct_variant,
+        teacher_correct_mask=teacher_correct_mask,
+        temperature=temperature,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        optimizer=optimizer,
+        momentum=momentum,
+        nesterov=nesterov,
+        weight_decay=weight_decay,
+        schedule=schedule,
+        milestones=ms,
+        gamma=gamma,
+        warmup_epochs=warmup_epochs,
+        label_smoothing=label_smoothing,
+        amp=amp,
+        channels_last=channels_last,
+        clip_grad=clip_grad,
+        seed=seed,
+        eval_every=eval_every,
+        workers=workers,
+        device=device,
+        threads=threads,
+        resume=resume,
+        export_onnx=not no_export,
+        progress=not no_progress,
+        max_steps=max_steps,
+    )
+    distill(cfg, log=lambda m: click.echo(m, err=True))
+
+
+@cli.command("evaluate")
+@click.argument("model", type=click.Path())
+@click.option("--data", required=True, help="Dataset to evaluate on, e.g. animals:val.")
+@click.option("--batch-size", default=256, show_default=True)
+@click.option("--card", type=click.Path(), default=None, help="Teacher card (ONNX models only).")
+def evaluate_cmd(model: str, data: str, batch_size: int, card: str | None) -> None:
+    """Top-1/top-5 of an ONNX model (teacher or exported student) on plain views of --data."""
+    from kdpipe.evaluate import evaluate_onnx
+
+    r = evaluate_onnx(model, data, batch_size=batch_size, card=card)
+    click.echo(json.dumps(r))
+
+
 def main() -> None:
     cli(prog_name="kdpipe")
 

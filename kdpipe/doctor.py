@@ -80,7 +80,9 @@ def collect() -> dict[str, Any]:
         gpus = getattr(_native, "cuda_device_count", lambda: 0)()
         info["cuda_devices"] = gpus
     else:
-        info["warnings"].append("kdpipe._native did not load: ops run in NumPy (slower); reinstall with `make build`")
+        info["warnings"].append(
+            "kdpipe._native did not load: ops run in NumPy (slower); reinstall with `make build`"
+        )
     pk = info["packages"]
     if pk["onnxruntime"] and pk["onnxruntime-gpu"]:
         info["warnings"].append(
@@ -106,8 +108,10 @@ def format_report(info: dict[str, Any]) -> str:
     for name, v in info["packages"].items():
         lines.append(f"  {name:<16} {v or '-'}")
     lines.append(f"  native ops       {'loaded' if info['native'] else 'MISSING'}")
-    lines.append(f"  native CUDA      {'built' if info['native_cuda_built'] else 'not built'}"
-                 f" ({info.get('cuda_devices', 0)} device(s) visible)")
+    lines.append(
+        f"  native CUDA      {'built' if info['native_cuda_built'] else 'not built'}"
+        f" ({info.get('cuda_devices', 0)} device(s) visible)"
+    )
     lines.append(f"  threads          {info['native_threads']} (KDPIPE_NUM_THREADS, else torch)")
     prov = info["onnxruntime_providers"]
     if prov:

@@ -8,7 +8,7 @@ float64 reference in tests. Shapes: activations are (N, C, H, W) with ``channel_
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -22,6 +22,7 @@ DCT_VARIANTS: tuple[str, ...] = ("dft-abs", "dft", "dct2")
 STORAGE_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
 AT_EPS = 1e-12
 DCT_EPS = 1e-12
+_CUDA_MAX_BATCH = 65535  # grid.y limit of the CUDA tap kernels
 
 
 def native_available() -> bool:
@@ -51,12 +52,14 @@ def _check_activation(x: np.ndarray, channel_axis: int) -> int:
     if not isinstance(x, np.ndarray):
         raise ValueError(f"tap_targets: expected a numpy array, got {type(x).__name__}")
     if x.ndim != 4:
-        raise ValueError(f"tap_targets: expected a 4-D activation (N,C,H,W) or (N,H,W,C), got shape {x.shape}")
+        raise ValueError(f"tap_targets: expected a 4-D activation (N,C,H,W) or (N,H,W,C), got {x.shape}")
     if x.dtype not in (np.float32, np.float16, np.float64):
         raise ValueError(f"tap_targets: expected float16/float32/float64, got {x.dtype}")
     axis = channel_axis + 4 if channel_axis < 0 else channel_axis
     if axis not in (1, 3):
         raise ValueError(f"tap_targets: channel_axis must be 1 (NCHW) or 3/-1 (NHWC), got {channel_axis}")
+    if x.shape[0] > 0 and 0 in x.shape[1:]:
+        raise ValueError(f"tap_targets: channel and spatial sizes must be non-zero, got shape {x.shape}")
     return axis
 
 
@@ -87,6 +90,15 @@ def _dct2_matrix(n: int) -> np.ndarray:
     return m
 
 
+def _check_maps(maps: np.ndarray) -> None:
+    if not isinstance(maps, np.ndarray):
+        raise ValueError(f"dct_targets: expected a numpy array, got {type(maps).__name__}")
+    if maps.ndim != 3:
+        raise ValueError(f"dct_targets: expected maps of shape (N,H,W), got {maps.shape}")
+    if maps.shape[1] == 0 or maps.shape[2] == 0:
+        raise ValueError(f"dct_targets: spatial sizes must be non-zero, got shape {maps.shape}")
+
+
 def dct_targets_numpy(maps: np.ndarray, variant: str = "dft-abs") -> np.ndarray:
     """Reference DCT-driven target (López-Cifuentes et al. 2022) of maps (N,H,W), float32 out.
 
@@ -96,8 +108,7 @@ def dct_targets_numpy(maps: np.ndarray, variant: str = "dft-abs") -> np.ndarray:
     """
     if variant not in DCT_VARIANTS:
         raise ValueError(f"dct_targets: unknown variant {variant!r}; choose one of {', '.join(DCT_VARIANTS)}")
-    if maps.ndim != 3:
-        raise ValueError(f"dct_targets: expected maps of shape (N,H,W), got {maps.shape}")
+    _check_maps(maps)
     a = np.asarray(maps, dtype=np.float64)
     a0 = a - a.mean(axis=(1, 2), keepdims=True)
     if variant == "dct2":
@@ -154,16 +165,129 @@ def from_storage(x: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def tap_targets(x: np.ndarray, channel_axis: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Attention map (N,H,W) and pooled vector (N,C), float32, in one pass over x (float16/32)."""
-    _check_activation(x, channel_axis)
-    return tap_targets_numpy(x, channel_axis)
+    """Attention map (N,H,W) and pooled vector (N,C), float32, in one pass over x (float16/32).
+
+    x: (N,C,H,W) with ``channel_axis=1`` or (N,H,W,C) with ``channel_axis=3``/-1; any strides
+    (non-contiguous input is copied first). float64 input takes the NumPy path.
+    """
+    axis = _check_activation(x, channel_axis)
+    if _native is None or x.dtype == np.float64:
+        return tap_targets_numpy(x, channel_axis)
+    at, pooled = _native.tap_targets(np.ascontiguousarray(x), axis, num_threads())
+    return at, pooled
 
 
 def dct_targets(maps: np.ndarray, variant: str = "dft-abs") -> np.ndarray:
-    """DCT-driven targets (N,H,W) float32 of maps (N,H,W); see ``dct_targets_numpy``."""
-    return dct_targets_numpy(maps, variant)
+    """DCT-driven targets (N,H,W) float32 of maps (N,H,W); see ``dct_targets_numpy``.
+
+    float32 maps take the native path; other dtypes the float64 NumPy reference.
+    """
+    if variant not in DCT_VARIANTS:
+        raise ValueError(f"dct_targets: unknown variant {variant!r}; choose one of {', '.join(DCT_VARIANTS)}")
+    _check_maps(maps)
+    if _native is None or maps.dtype != np.float32:
+        return dct_targets_numpy(maps, variant)
+    out: np.ndarray = _native.dct_targets(np.ascontiguousarray(maps), variant, num_threads())
+    return out
 
 
 def to_storage(x: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 -> storage dtype, raising OverflowError instead of writing inf."""
-    return to_storage_numpy(x, dtype)
+    """float32 -> storage dtype, raising OverflowError instead of writing inf.
+
+    Same shape as x; float16 as np.float16, bfloat16 as its uint16 bits, float32 as a copy.
+    Bit-identical to ``to_storage_numpy``.
+    """
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"to_storage: unknown dtype {dtype!r}; choose one of {', '.join(STORAGE_DTYPES)}")
+    if _native is None or dtype == "float32":
+        return to_storage_numpy(x, dtype)
+    x32 = np.ascontiguousarray(x, dtype=np.float32)
+    if dtype == "float16":
+        out = np.empty(x32.shape, dtype=np.float16)
+        overflow = _native.to_float16(x32, out, num_threads())
+    else:
+        out = np.empty(x32.shape, dtype=np.uint16)
+        overflow = _native.to_bfloat16(x32, out, num_threads())
+    if overflow:
+        finite = np.abs(x32[np.isfinite(x32)])
+        raise OverflowError(
+            f"to_storage: {overflow} value(s) exceed the {dtype} range "
+            f"(max |x| = {float(finite.max()):.4g}); store as float32"
+            + (" or bfloat16" if dtype == "float16" else "")
+        )
+    return out
+
+
+# ---- CUDA: torch tensors already on the GPU, reduced there (no copy of activations to the host) ----
+
+
+def cuda_device_count() -> int:
+    """CUDA devices the native module sees; 0 without a CUDA build, a driver or a GPU."""
+    return int(_native.cuda_device_count()) if _native is not None else 0
+
+
+def _require_cuda_tensor(t: Any, op: str, dtypes: tuple[Any, ...]) -> Any:
+    import torch
+
+    if not cuda_available():
+        raise RuntimeError(f"{op}: kdpipe._native was built without CUDA; rebuild with a CUDA toolkit")
+    if not isinstance(t, torch.Tensor) or not t.is_cuda:
+        raise ValueError(f"{op}: expected a torch CUDA tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise ValueError(f"{op}: expected dtype {' or '.join(map(str, dtypes))}, got {t.dtype}")
+    return t.contiguous()
+
+
+def tap_targets_cuda(x: Any, channel_axis: int = 1) -> tuple[Any, Any]:
+    """CUDA ``tap_targets`` of a torch CUDA tensor x (N,C,H,W) or (N,H,W,C), float32/float16.
+
+    Returns (at (N,H,W), pooled (N,C)) float32 torch tensors on x's device, enqueued on its current
+    stream (no host synchronisation).
+    """
+    import torch
+
+    x = _require_cuda_tensor(x, "tap_targets_cuda", (torch.float32, torch.float16))
+    if x.dim() != 4:
+        raise ValueError(f"tap_targets_cuda: expected a 4-D activation, got shape {tuple(x.shape)}")
+    axis = channel_axis + 4 if channel_axis < 0 else channel_axis
+    if axis not in (1, 3):
+        raise ValueError(f"tap_targets_cuda: channel_axis must be 1 (NCHW) or 3/-1 (NHWC): {channel_axis}")
+    n = x.shape[0]
+    c, h, w = (x.shape[1], x.shape[2], x.shape[3]) if axis == 1 else (x.shape[3], x.shape[1], x.shape[2])
+    if n > 0 and 0 in (c, h, w):
+        raise ValueError(f"tap_targets_cuda: channel and spatial sizes must be non-zero: {tuple(x.shape)}")
+    at = torch.empty((n, h, w), dtype=torch.float32, device=x.device)
+    pooled = torch.empty((n, c), dtype=torch.float32, device=x.device)
+    if n == 0:
+        return at, pooled
+    nbytes = _native.cuda_tap_workspace_bytes(min(n, _CUDA_MAX_BATCH), c, h * w, axis == 3)
+    ws = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    for start in range(0, n, _CUDA_MAX_BATCH):  # grid.y limit; one launch for any realistic batch
+        stop = min(n, start + _CUDA_MAX_BATCH)
+        _native.cuda_tap_targets(
+            x[start:stop].data_ptr(), stop - start, c, h, w, axis, x.dtype == torch.float16,
+            at[start:stop].data_ptr(), pooled[start:stop].data_ptr(), ws.data_ptr(), x.device.index, stream,
+        )  # fmt: skip
+    return at, pooled
+
+
+def dct_targets_cuda(maps: Any, variant: str = "dft-abs") -> Any:
+    """CUDA ``dct_targets`` of a torch CUDA float32 tensor (N,H,W); returns (N,H,W) float32 on its device."""
+    import torch
+
+    if variant not in DCT_VARIANTS:
+        raise ValueError(f"dct_targets: unknown variant {variant!r}; choose one of {', '.join(DCT_VARIANTS)}")
+    maps = _require_cuda_tensor(maps, "dct_targets_cuda", (torch.float32,))
+    if maps.dim() != 3 or maps.shape[1] == 0 or maps.shape[2] == 0:
+        raise ValueError(f"dct_targets_cuda: expected maps of shape (N,H,W), got {tuple(maps.shape)}")
+    n, h, w = maps.shape
+    out = torch.empty((n, h, w), dtype=torch.float32, device=maps.device)
+    if n == 0:
+        return out
+    ws = torch.empty(_native.cuda_dct_workspace_bytes(n, h, w), dtype=torch.uint8, device=maps.device)
+    stream = torch.cuda.current_stream(maps.device).cuda_stream
+    _native.cuda_dct_targets(
+        maps.data_ptr(), n, h, w, variant, out.data_ptr(), ws.data_ptr(), maps.device.index, stream
+    )
+    return out

@@ -1,0 +1,171 @@
+"""Benchmark of the native target ops against plain NumPy and the machine's memory-read bandwidth.
+
+Writes bench/results/ops.json and prints a table. Usage: ``python bench/ops.py [--quick]``.
+Times are medians of several repeats after a warm-up; GB/s counts the activation's bytes once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kdpipe import ops
+
+RESULTS = Path(__file__).resolve().parent / "results" / "ops.json"
+
+
+def median_ms(repeats: int, fn: Callable[..., Any], *args: Any) -> float:
+    fn(*args)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def read_bandwidth_gbs(threads: int, nbytes: int, repeats: int) -> float:
+    """Best-of read bandwidth: np.sum over per-thread slices of one big float32 array (GIL released)."""
+    x = np.ones(nbytes // 4, dtype=np.float32)
+    parts = np.array_split(x, threads)
+    with ThreadPoolExecutor(threads) as pool:
+
+        def run() -> None:
+            list(pool.map(np.sum, parts))
+
+        run()
+        best = min(_timed(run) for _ in range(repeats))
+    return x.nbytes / best / 1e9
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def numpy_pipeline(x: np.ndarray, channel_axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """What one would write without kdpipe: einsum for sum_c x^2, then the norm, then the spatial mean."""
+    if channel_axis == 1:
+        a = np.einsum("nchw,nchw->nhw", x, x) / x.shape[1]
+        pooled = x.mean(axis=(2, 3))
+    else:
+        a = np.einsum("nhwc,nhwc->nhw", x, x) / x.shape[3]
+        pooled = x.mean(axis=(1, 2))
+    norm = np.sqrt((a.reshape(len(a), -1) ** 2).sum(axis=1))
+    return a / np.maximum(norm, 1e-12)[:, None, None], pooled
+
+
+def bench_tap(
+    shapes: list[tuple[int, int, int, int]], repeats: int, bandwidth: float
+) -> list[dict[str, Any]]:
+    rows = []
+    rng = np.random.default_rng(0)
+    for n, c, h, w in shapes:
+        for layout, axis in (("NCHW", 1), ("NHWC", 3)):
+            shape = (n, c, h, w) if axis == 1 else (n, h, w, c)
+            x = rng.standard_normal(shape, dtype=np.float32)
+            gb = x.nbytes / 1e9
+            t_native = median_ms(repeats, ops.tap_targets, x, axis)
+            t_numpy = median_ms(repeats, numpy_pipeline, x, axis)
+            x16 = x.astype(np.float16)
+            t_half = median_ms(repeats, ops.tap_targets, x16, axis)
+            rows.append(
+                {
+                    "shape": list(shape),
+                    "layout": layout,
+                    "mib": x.nbytes / 2**20,
+                    "native_ms": t_native,
+                    "numpy_ms": t_numpy,
+                    "native_gbs": gb / (t_native / 1e3),
+                    "numpy_gbs": gb / (t_numpy / 1e3),
+                    "speedup_vs_numpy": t_numpy / t_native,
+                    "fraction_of_read_bandwidth": gb / (t_native / 1e3) / bandwidth,
+                    "native_float16_ms": t_half,
+                }
+            )
+    return rows
+
+
+def bench_dct(repeats: int) -> list[dict[str, Any]]:
+    rows = []
+    rng = np.random.default_rng(1)
+    for shape in ((256, 32, 32), (64, 56, 56), (256, 8, 8)):
+        maps = rng.random(shape, dtype=np.float32)
+        for variant in ops.DCT_VARIANTS:
+            t_native = median_ms(repeats, ops.dct_targets, maps, variant)
+            t_numpy = median_ms(repeats, ops.dct_targets_numpy, maps, variant)
+            rows.append(
+                {"shape": list(shape), "variant": variant, "native_ms": t_native, "numpy_ms": t_numpy}
+            )
+    return rows
+
+
+def bench_storage(repeats: int) -> list[dict[str, Any]]:
+    x = np.random.default_rng(2).standard_normal(16 * 2**20, dtype=np.float32)
+    rows = []
+    for dtype in ("float16", "bfloat16"):
+        t_native = median_ms(repeats, ops.to_storage, x, dtype)
+        t_numpy = median_ms(repeats, ops.to_storage_numpy, x, dtype)
+        rows.append({"elements": x.size, "dtype": dtype, "native_ms": t_native, "numpy_ms": t_numpy})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes, few repeats (smoke test)")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if not ops.native_available():
+        raise SystemExit("kdpipe._native is not built: run `make build` first")
+    threads = ops.num_threads()
+    repeats = 3 if args.quick else args.repeats
+    shapes = [(16, 64, 32, 32)] if args.quick else [(256, 64, 32, 32), (64, 256, 56, 56)]
+    bandwidth = read_bandwidth_gbs(threads, (64 if args.quick else 1024) * 2**20, repeats)
+    result: dict[str, Any] = {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpu_count": os.cpu_count(),
+            "threads": threads,
+            "read_bandwidth_gbs": bandwidth,
+        },
+        "tap_targets": bench_tap(shapes, repeats, bandwidth),
+        "dct_targets": bench_dct(repeats),
+        "to_storage": bench_storage(repeats),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+    size = "64 MiB" if args.quick else "1 GiB"
+    print(f"threads {threads}, read bandwidth {bandwidth:.1f} GB/s (np.sum, {size}, best of {repeats})")
+    print(f"{'tap_targets shape':<22}{'layout':<7}{'native ms':>10}{'GB/s':>7}{'numpy ms':>10}{'GB/s':>7}"
+          f"{'speedup':>9}{'of bw':>7}{'fp16 ms':>9}")  # fmt: skip
+    for r in result["tap_targets"]:
+        shape = "x".join(map(str, r["shape"]))
+        print(f"{shape:<22}{r['layout']:<7}{r['native_ms']:>10.2f}{r['native_gbs']:>7.1f}"
+              f"{r['numpy_ms']:>10.2f}{r['numpy_gbs']:>7.1f}{r['speedup_vs_numpy']:>8.1f}x"
+              f"{r['fraction_of_read_bandwidth']:>7.2f}{r['native_float16_ms']:>9.2f}")  # fmt: skip
+    print(f"{'dct_targets shape':<22}{'variant':<9}{'native ms':>10}{'numpy ms':>10}")
+    for r in result["dct_targets"]:
+        shape = "x".join(map(str, r["shape"]))
+        print(f"{shape:<22}{r['variant']:<9}{r['native_ms']:>10.2f}{r['numpy_ms']:>10.2f}")
+    print(f"{'to_storage elements':<22}{'dtype':<9}{'native ms':>10}{'numpy ms':>10}")
+    for r in result["to_storage"]:
+        print(f"{r['elements']:<22}{r['dtype']:<9}{r['native_ms']:>10.2f}{r['numpy_ms']:>10.2f}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

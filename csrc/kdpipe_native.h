@@ -1,0 +1,39 @@
+// Declarations shared by the native op files and the bindings. All shapes are element counts.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace kdpipe {
+
+constexpr double kAtEps = 1e-12;   // floor of the attention-map L2 norm (Zagoruyko & Komodakis)
+constexpr double kDctEps = 1e-12;  // below this a DCT target denominator gives an all-zero target
+
+// ---- tap_targets.cpp: one pass over an activation -> attention map (N,HW) and pooled vector (N,C).
+// x is C-contiguous (N,C,H,W) when nhwc is false, else (N,H,W,C); float32, or float16 bits when is_half.
+void tap_targets_cpu(const void* x, bool is_half, bool nhwc, int64_t n, int64_t c, int64_t hw, float* at,
+                     float* pooled, int threads);
+
+// ---- dct_targets.cpp: DCT-driven targets of maps (N,H,W) float32 -> out (N,H,W) float32.
+enum class DctVariant { DftAbs, Dft, Dct2 };
+bool parse_dct_variant(const char* name, DctVariant* out);
+void dct_targets_cpu(const float* maps, int64_t n, int64_t h, int64_t w, DctVariant variant, float* out,
+                     int threads);
+
+// ---- storage.cpp: float32 -> float16 / bfloat16 bits, round to nearest even.
+// Both return how many finite inputs became +-inf (the caller raises OverflowError).
+int64_t to_float16_cpu(const float* x, uint16_t* out, int64_t count, int threads);
+int64_t to_bfloat16_cpu(const float* x, uint16_t* out, int64_t count, int threads);
+int openmp_max_threads();
+
+// ---- cuda/*.cu (or cuda_stub.cpp without a toolkit). Pointers are device addresses; stream is a
+// cudaStream_t. Errors (no driver, no GPU, launch failure) throw std::runtime_error.
+int cuda_device_count();  // 0 when there is no driver, no GPU or no CUDA build; never throws
+size_t cuda_tap_workspace_bytes(int64_t n, int64_t c, int64_t hw, bool nhwc);
+void cuda_tap_targets(uintptr_t x, int64_t n, int64_t c, int64_t h, int64_t w, int channel_axis, bool is_half,
+                      uintptr_t at, uintptr_t pooled, uintptr_t workspace, int device, uintptr_t stream);
+size_t cuda_dct_workspace_bytes(int64_t n, int64_t h, int64_t w);
+void cuda_dct_targets(uintptr_t maps, int64_t n, int64_t h, int64_t w, DctVariant variant, uintptr_t out,
+                      uintptr_t workspace, int device, uintptr_t stream);
+
+}  // namespace kdpipe

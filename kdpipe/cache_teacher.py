@@ -1,0 +1,284 @@
+"""`kdpipe cache-teacher`: run an ONNX teacher once over a dataset and its views, write the target cache.
+
+Data flow per chunk of samples: indices -> (sample, view) pairs -> view parameters drawn from
+(seed, sample, view) -> uint8 views -> teacher preprocessing -> onnxruntime (targets reduced in the
+graph or by the native ops) -> storage dtype -> one journaled chunk write. The next chunk's inputs are
+prepared in a background thread while the teacher runs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kdpipe import __version__, ops
+from kdpipe.errors import KdpipeError
+from kdpipe.progress import Progress
+
+ALL_TARGETS = ("logits", "at", "dct", "pooled")
+
+
+@dataclass
+class CacheJob:
+    """Everything `cache-teacher` needs. ``views=0`` caches the plain, un-augmented input (1 view)."""
+
+    teacher: str
+    data: str
+    out: str
+    taps: str | list[str] = "auto"
+    targets: tuple[str, ...] = ALL_TARGETS
+    dct_variants: tuple[str, ...] = ("dft-abs",)
+    views: int = 0
+    augment: str = "auto"  # "auto" | "pad-crop" | "rrc"
+    pad: int = 4
+    seed: int = 0
+    batch_size: int = 256
+    chunk_size: int = 0  # samples per chunk; 0 = about 4096 (sample, view) items per chunk
+    provider: str = "auto"
+    threads: int | None = None
+    reduce: str = "graph"
+    map_dtype: str = "float16"
+    vec_dtype: str = "float32"
+    shard: str | None = None
+    card: str | None = None
+    spec_overrides: dict[str, Any] = field(default_factory=dict)
+    progress: bool = True
+
+
+def view_policy_for(job: CacheJob, size: tuple[int, int], image_side: int) -> Any:
+    """The ViewPolicy of a job: plain for ``views=0``, else pad-crop (small images) or rrc (large)."""
+    from kdpipe.data.views import ViewPolicy
+
+    if size[0] != size[1]:
+        raise KdpipeError(f"teacher input {size[0]}x{size[1]} is not square; kdpipe views are square crops")
+    if job.views == 0:
+        return ViewPolicy(kind="none", size=size[0], flip=False)
+    kind = job.augment
+    if kind == "auto":
+        kind = "pad-crop" if image_side <= 64 else "rrc"
+    if kind not in ("pad-crop", "rrc"):
+        raise KdpipeError(f"--augment {job.augment!r}: choose auto, pad-crop or rrc")
+    return ViewPolicy(kind=kind, size=size[0], pad=job.pad, flip=True)
+
+
+def build_manifest(job: CacheJob, graph: Any, taps: list[Any], spec: Any, dataset: Any, policy: Any) -> dict:
+    """The self-describing manifest: what was cached, from what, how, and the array layout."""
+    num_views = max(job.views, 1)
+    arrays: dict[str, dict[str, Any]] = {
+        "labels": {"shape": [], "dtype": "int64", "per": "sample"},
+        "view_params": {"shape": [5], "dtype": "int32", "per": "view"},
+    }
+    if "logits" in job.targets:
+        arrays["logits"] = {"shape": [graph.num_classes], "dtype": job.vec_dtype, "per": "view"}
+    for i, tap in enumerate(taps):
+        c, h, w = tap.shape
+        if "at" in job.targets:
+            arrays[f"at.{i}"] = {"shape": [h, w], "dtype": job.map_dtype, "per": "view"}
+        if "dct" in job.targets:
+            for v in job.dct_variants:
+                arrays[f"dct.{v}.{i}"] = {"shape": [h, w], "dtype": job.map_dtype, "per": "view"}
+        if "pooled" in job.targets:
+            arrays[f"pooled.{i}"] = {"shape": [c], "dtype": job.vec_dtype, "per": "view"}
+    chunk = job.chunk_size or max(1, 4096 // num_views)
+    return {
+        "kind": "kdpipe-teacher-cache",
+        "num_samples": len(dataset),
+        "num_views": num_views,
+        "chunk_size": chunk,
+        "arrays": arrays,
+        "taps": [
+            {
+                "name": t.name,
+                "shape": list(t.shape),
+                "layout": t.layout,
+                "op_type": t.op_type,
+                "module_path": t.module_path,
+            }
+            for t in taps
+        ],
+        "targets": {
+            "kinds": [k for k in ALL_TARGETS if k in job.targets],
+            "at": {"definition": "l2normalize(mean_c(F**2)) per sample", "eps": ops.AT_EPS},
+            "dct": {"variants": list(job.dct_variants), "eps": ops.DCT_EPS},
+            "pooled": {"definition": "mean_hw(F)"},
+        },
+        "teacher": {
+            "sha256": graph.sha256,
+            "input": graph.input.to_dict() if hasattr(graph.input, "to_dict") else str(graph.input),
+            "num_classes": graph.num_classes,
+            "spec": spec.to_dict(),
+        },
+        "dataset": {
+            "spec": job.data,
+            "fingerprint": dataset.fingerprint(),
+            "class_names": dataset.class_names,
+        },
+        "views": {"policy": policy.to_dict(), "seed": job.seed, "count": job.views},
+        # "run" is the one section a resume does not compare: where things were, which software.
+        "run": {
+            "teacher_file": str(graph.path),
+            "kdpipe": __version__,
+            "command": "kdpipe cache-teacher (same arguments) to resume",
+        },
+    }
+
+
+@dataclass
+class _Prepared:
+    chunk: int
+    start: int
+    stop: int
+    params: np.ndarray  # (n*V, 5) int32
+    labels: np.ndarray  # (n,) int64
+    inputs: np.ndarray  # (n*V, ...) float32 teacher input
+
+
+def _prepare(
+    chunk: int, start: int, stop: int, num_views: int, dataset: Any, policy: Any, spec: Any, seed: int
+) -> _Prepared:
+    from kdpipe.data.views import apply_views, draw_view_params
+
+    samples = np.arange(start, stop, dtype=np.int64)
+    n = len(samples)
+    rep = np.repeat(samples, num_views)
+    views = np.tile(np.arange(num_views, dtype=np.int64), n)
+    if policy.kind == "none":
+        views = np.full_like(views, -1)
+    sizes = dataset.sizes()[rep]
+    params = draw_view_params(policy, seed, rep, views, sizes)
+    images = dataset.load(samples)
+    which = np.repeat(np.arange(n), num_views)
+    per_item: np.ndarray | list[np.ndarray] = (
+        images[which] if isinstance(images, np.ndarray) else [images[i] for i in which]
+    )
+    uint8_views = apply_views(per_item, params, policy)
+    return _Prepared(
+        chunk, start, stop, params, dataset.labels[start:stop].astype(np.int64), spec.preprocess(uint8_views)
+    )
+
+
+def _run_batches(runner: Any, x: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
+    parts: dict[str, list[np.ndarray]] = {}
+    for b in range(0, len(x), batch_size):
+        for k, v in runner.run(x[b : b + batch_size]).items():
+            parts.setdefault(k, []).append(v)
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def _chunks_in_order(writer: Any, pending: list[int]) -> Iterator[tuple[int, int, int]]:
+    for c in pending:
+        start, stop = writer.chunk_range(c)
+        yield c, start, stop
+
+
+def cache_teacher(job: CacheJob, log: Any = print) -> dict[str, Any]:
+    """Run the job (resuming if the cache exists) and return a summary dict."""
+    from kdpipe import cache as cache_mod
+    from kdpipe.data import load_dataset
+    from kdpipe.distributed import discover_shard
+    from kdpipe.teacher import TeacherRunner, load_teacher, resolve_taps, spec_for
+
+    unknown = set(job.targets) - set(ALL_TARGETS)
+    if unknown or not job.targets:
+        raise KdpipeError(f"--targets {','.join(job.targets)}: choose from {','.join(ALL_TARGETS)}")
+    for v in job.dct_variants:
+        if v not in ops.DCT_VARIANTS:
+            raise KdpipeError(f"--dct-variant {v!r}: choose from {', '.join(ops.DCT_VARIANTS)}")
+    if job.views < 0:
+        raise KdpipeError(f"--views {job.views}: must be >= 0 (0 = the plain input)")
+    graph = load_teacher(job.teacher)
+    taps = resolve_taps(graph, job.taps) if {"at", "dct", "pooled"} & set(job.targets) else []
+    dataset = load_dataset(job.data)
+    spec = spec_for(graph, card=job.card, **job.spec_overrides)
+    if graph.num_classes and dataset.num_classes > graph.num_classes:
+        raise KdpipeError(
+            f"dataset {job.data!r} has {dataset.num_classes} classes but the teacher outputs "
+            f"{graph.num_classes} logits: wrong teacher or wrong dataset"
+        )
+    sizes = dataset.sizes()
+    policy = view_policy_for(job, spec.size, int(sizes.max()) if len(sizes) else 0)
+    manifest = build_manifest(job, graph, taps, spec, dataset, policy)
+    shard = discover_shard(job.shard)
+    writer = cache_mod.create_or_resume(job.out, manifest, shard=(shard.index, shard.count))
+    pending = writer.pending_chunks()
+    num_views = manifest["num_views"]
+    total_items = sum(b - a for _, a, b in _chunks_in_order(writer, pending)) * num_views
+
+    runner = TeacherRunner(
+        graph,
+        taps,
+        spec,
+        targets=set(job.targets),
+        provider=job.provider,
+        threads=job.threads,
+        reduce=job.reduce,
+        dct_variants=job.dct_variants,
+        spinning=True,
+    )
+    log(
+        f"teacher {graph.path} on {', '.join(runner.providers)}; {len(taps)} tap(s): "
+        + ", ".join(f"{t.name} {tuple(t.shape)}" for t in taps)
+    )
+    if shard.count > 1:
+        log(f"shard {shard} ({shard.source}): {len(pending)} chunk(s) to do")
+    elif len(pending) < writer.num_chunks if hasattr(writer, "num_chunks") else False:
+        log(f"resuming: {len(pending)} chunk(s) left")
+
+    correct = seen = 0
+    t0 = time.perf_counter()
+    bar = Progress(total_items, "cache", enabled=job.progress)
+    order = list(_chunks_in_order(writer, pending))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdpipe-prep") as pool:
+
+        def submit(k: int) -> Any:
+            c, a, b = order[k]
+            return pool.submit(_prepare, c, a, b, num_views, dataset, policy, spec, job.seed)
+
+        fut = submit(0) if order else None
+        for k in range(len(order)):
+            assert fut is not None
+            prep = fut.result()
+            fut = submit(k + 1) if k + 1 < len(order) else None
+            out = _run_batches(runner, prep.inputs, job.batch_size)
+            n = prep.stop - prep.start
+            arrays: dict[str, np.ndarray] = {
+                "labels": prep.labels,
+                "view_params": prep.params.reshape(n, num_views, 5).astype(np.int32),
+            }
+            for name, meta in manifest["arrays"].items():
+                if name in arrays:
+                    continue
+                try:
+                    stored = ops.to_storage(out[name], meta["dtype"])
+                except OverflowError as e:
+                    raise KdpipeError(f"target {name}: {e} (use --dtype float32)") from None
+                arrays[name] = stored.reshape(n, num_views, *meta["shape"])
+            if "logits" in out:
+                pred = out["logits"].argmax(1).reshape(n, num_views)
+                correct += int((pred == prep.labels[:, None]).sum())
+                seen += n * num_views
+            writer.write_chunk(prep.chunk, arrays)
+            bar.update(n * num_views, acc=(correct / seen) if seen else 0.0)
+    bar.close()
+    writer.finish()
+    elapsed = time.perf_counter() - t0
+    info = cache_mod.info(job.out)
+    summary = {
+        "cache": job.out,
+        "samples": manifest["num_samples"],
+        "views": num_views,
+        "shard": str(shard),
+        "items_done": total_items,
+        "seconds": round(elapsed, 3),
+        "items_per_s": round(total_items / elapsed, 1) if elapsed > 0 else None,
+        "bytes_on_disk": info.get("bytes_on_disk"),
+        "complete": info.get("complete"),
+        "teacher_accuracy": (correct / seen) if seen else None,
+        "providers": runner.providers,
+    }
+    return summary

@@ -1,0 +1,193 @@
+"""Run the teacher with onnxruntime and return its distillation targets per batch.
+
+Two reduce modes give the same targets:
+- ``graph``: the attention maps and pooled vectors are computed inside the ONNX graph
+  (:mod:`kdpipe.teacher.surgery`), so only the small targets leave onnxruntime;
+- ``native``: the raw tap activations are graph outputs, reduced by ``kdpipe.ops.tap_targets``.
+DCT targets are always computed from the attention maps with ``kdpipe.ops.dct_targets`` (their
+per-sample min-max normalisation makes the map's L2 normalisation irrelevant).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import onnxruntime as ort
+
+from kdpipe import ops
+from kdpipe.errors import KdpipeError
+from kdpipe.teacher.graph import TeacherGraph
+from kdpipe.teacher.spec import TeacherSpec
+from kdpipe.teacher.surgery import append_reductions, expose
+from kdpipe.teacher.taps import TapInfo
+
+TARGET_KINDS = ("logits", "at", "pooled", "dct")
+PROVIDERS = ("auto", "cpu", "cuda")
+REDUCE_MODES = ("graph", "native")
+_CUDA = "CUDAExecutionProvider"
+_CPU = "CPUExecutionProvider"
+
+
+def _session_options(threads: int | None, spinning: bool) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads is not None:
+        if threads < 1:
+            raise KdpipeError(f"teacher threads must be >= 1, got {threads}")
+        so.intra_op_num_threads = int(threads)
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return so
+
+
+def make_session(
+    model_bytes: bytes, provider: str, threads: int | None, spinning: bool
+) -> ort.InferenceSession:
+    """An InferenceSession on the requested provider; ``auto`` = CUDA when it really loads, else CPU.
+
+    onnxruntime-gpu lists CUDA as available where it cannot load; the providers a session actually
+    got are checked instead.
+    """
+    if provider not in PROVIDERS:
+        raise KdpipeError(f"unknown teacher provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+    so = _session_options(threads, spinning)
+    if provider in ("auto", "cuda") and _CUDA in ort.get_available_providers():
+        try:
+            sess = ort.InferenceSession(model_bytes, so, providers=[_CUDA, _CPU])
+        except Exception as e:
+            if provider == "cuda":
+                raise KdpipeError(
+                    f"onnxruntime could not start a CUDA session ({e}); use --provider cpu"
+                ) from e
+            sess = None
+        if sess is not None and _CUDA in sess.get_providers():
+            return sess
+    if provider == "cuda":
+        raise KdpipeError(
+            "onnxruntime cannot use CUDA here (onnxruntime-gpu missing, or no GPU/CUDA libraries); "
+            "use --provider cpu or auto"
+        )
+    return ort.InferenceSession(model_bytes, so, providers=[_CPU])
+
+
+class TeacherRunner:
+    """The teacher as a function from a float32 input batch to its targets.
+
+    ``run(x)`` returns float32 arrays keyed by cache array names: ``logits`` (B, K), ``at.{i}``
+    (B, H_i, W_i), ``pooled.{i}`` (B, C_i), ``dct.{variant}.{i}`` (B, H_i, W_i), for the requested
+    ``targets`` (a subset of "logits", "at", "pooled", "dct"); ``i`` indexes ``taps``.
+    ``output_names`` lists those keys; ``providers`` the execution providers the session really uses.
+    A teacher with a batch fixed at 1 is run one sample at a time. ``io_binding`` (default: on CUDA)
+    binds the input and outputs through an onnxruntime IOBinding.
+    """
+
+    def __init__(
+        self,
+        graph: TeacherGraph,
+        taps: list[TapInfo],
+        spec: TeacherSpec | None,
+        targets: Iterable[str],
+        provider: str = "auto",
+        threads: int | None = None,
+        reduce: str = "graph",
+        dct_variants: Iterable[str] = ("dft-abs",),
+        spinning: bool = True,
+        io_binding: bool | None = None,
+    ) -> None:
+        self.graph = graph
+        self.taps = list(taps)
+        self.spec = spec
+        self.targets = set(targets)
+        bad = self.targets - set(TARGET_KINDS)
+        if bad:
+            raise KdpipeError(f"unknown target kinds {sorted(bad)}; choose from {', '.join(TARGET_KINDS)}")
+        if reduce not in REDUCE_MODES:
+            raise KdpipeError(f"unknown reduce mode {reduce!r}; choose graph or native")
+        self.reduce = reduce
+        self.dct_variants = tuple(dct_variants) if "dct" in self.targets else ()
+        bad_v = [v for v in self.dct_variants if v not in ops.DCT_VARIANTS]
+        if bad_v:
+            raise KdpipeError(f"unknown DCT variants {bad_v}; choose from {', '.join(ops.DCT_VARIANTS)}")
+        if (self.targets - {"logits"}) and not self.taps:
+            raise KdpipeError(f"targets {sorted(self.targets - {'logits'})} need taps; none were given")
+        if spec is not None and spec.layout != graph.input.layout:
+            raise KdpipeError(
+                f"teacher spec layout {spec.layout} differs from the model input {graph.input.layout}"
+            )
+        self._need_at = bool(self.targets & {"at", "dct"})
+        self._need_pooled = "pooled" in self.targets
+        taps_needed = self._need_at or self._need_pooled
+
+        model = graph.model
+        self._reduced: dict[str, str] = {}
+        self._raw: list[str] = []
+        if taps_needed and reduce == "graph":
+            model, self._reduced = append_reductions(
+                model, graph.opset, self.taps, graph.elem_types, self._need_at, self._need_pooled
+            )
+        elif taps_needed:
+            self._raw = [t.name for t in self.taps]
+            model = expose(model, self._raw, graph.elem_types)
+        names = ([graph.logits_name] if "logits" in self.targets else []) + list(self._reduced.values())
+        names += [r for r in self._raw if r not in names]
+        self._names = names
+        self.session = make_session(model.SerializeToString(), provider, threads, spinning)
+        self.providers: list[str] = list(self.session.get_providers())
+        self.io_binding = (_CUDA in self.providers) if io_binding is None else bool(io_binding)
+        self._in_dtype = np.dtype(graph.input.dtype)
+        keys = ["logits"] if "logits" in self.targets else []
+        for i in range(len(self.taps)):
+            keys += [f"at.{i}"] if "at" in self.targets else []
+            keys += [f"pooled.{i}"] if self._need_pooled else []
+            keys += [f"dct.{v}.{i}" for v in self.dct_variants]
+        self.output_names: list[str] = keys
+
+    def _session_run(self, x: np.ndarray) -> list[np.ndarray]:
+        feed = np.ascontiguousarray(x, dtype=self._in_dtype)
+        if not self.io_binding:
+            return list(self.session.run(self._names, {self.graph.input.name: feed}))
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(self.graph.input.name, feed)
+        for name in self._names:
+            binding.bind_output(name)
+        self.session.run_with_iobinding(binding)
+        return list(binding.copy_outputs_to_cpu())
+
+    def _forward(self, x: np.ndarray) -> list[np.ndarray]:
+        if not self.graph.fixed_batch or x.shape[0] == 1:
+            return self._session_run(x)
+        parts = [self._session_run(x[i : i + 1]) for i in range(x.shape[0])]  # fixed batch of 1
+        return [np.concatenate(col, axis=0) for col in zip(*parts, strict=True)]
+
+    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Targets of one input batch ``x`` (float32, the model's input shape and layout)."""
+        expect = [d for d in self.graph.input.shape[1:]]
+        if x.ndim != 4 or any(e is not None and e != s for e, s in zip(expect, x.shape[1:], strict=True)):
+            raise KdpipeError(f"teacher input batch has shape {x.shape}; the model expects (B, {expect})")
+        vals = dict(zip(self._names, self._forward(x), strict=True))
+        out: dict[str, np.ndarray] = {}
+        if "logits" in self.targets:
+            out["logits"] = np.asarray(vals[self.graph.logits_name], dtype=np.float32)
+        maps: dict[int, np.ndarray] = {}
+        if self.reduce == "graph":
+            for key, name in self._reduced.items():
+                out[key] = np.asarray(vals[name], dtype=np.float32)
+            maps = {i: out[f"at.{i}"] for i in range(len(self.taps)) if f"at.{i}" in out}
+        elif self._raw:
+            for i, tap in enumerate(self.taps):
+                at, pooled = ops.tap_targets(vals[tap.name], channel_axis=tap.channel_axis)
+                if self._need_at:
+                    maps[i] = at
+                if self._need_pooled:
+                    out[f"pooled.{i}"] = pooled
+        for i, m in maps.items():
+            for v in self.dct_variants:
+                out[f"dct.{v}.{i}"] = ops.dct_targets(m, v)
+        if "at" in self.targets:
+            for i, m in maps.items():
+                out[f"at.{i}"] = m
+        else:
+            for i in maps:
+                out.pop(f"at.{i}", None)
+        return out

@@ -1,0 +1,110 @@
+"""Train the demo teacher on `animals` and export it to ONNX (pipelines/demo/teacher-animals.onnx).
+
+This stands in for "a teacher trained in some framework": kdpipe only ever sees the ONNX file.
+Command that made the committed file (2 CPU cores):
+
+    python pipelines/demo/train_teacher.py --model resnet20 --epochs 20 --out pipelines/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kdpipe.data import load_dataset
+from kdpipe.data.preprocess import Normalize
+from kdpipe.data.views import ViewPolicy, apply_views, draw_view_params
+from kdpipe.student import create_model
+
+SCALE, MEAN, STD = 1 / 255, (0.5,), (0.5,)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="resnet20")
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="pipelines/demo")
+    args = ap.parse_args()
+    torch.manual_seed(args.seed)
+    train, val = load_dataset("animals"), load_dataset("animals:val")
+    norm = Normalize(scale=SCALE, mean=MEAN, std=STD, channels=1)
+    policy = ViewPolicy(kind="pad-crop", size=28, pad=2, flip=True)
+    plain = ViewPolicy(kind="none", size=28, flip=False)
+    model = create_model(args.model, num_classes=10, in_chans=1)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    n, bs = len(train), args.batch_size
+    steps = args.epochs * (n // bs)
+    step = 0
+    xs_val = torch.from_numpy(
+        norm(
+            apply_views(
+                val.load(np.arange(len(val))),
+                draw_view_params(plain, 0, np.arange(len(val)), np.full(len(val), -1), val.sizes()),
+                plain,
+            )
+        )
+    )
+    for epoch in range(args.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        order = np.random.default_rng([args.seed, epoch]).permutation(n)
+        for b in range(n // bs):
+            idx = order[b * bs : (b + 1) * bs]
+            params = draw_view_params(policy, 1000 + epoch, idx, np.zeros_like(idx), train.sizes()[idx])
+            x = torch.from_numpy(norm(apply_views(train.load(idx), params, policy)))
+            y = torch.from_numpy(train.labels[idx])
+            for g in opt.param_groups:
+                g["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+        model.eval()
+        with torch.no_grad():
+            acc = (model(xs_val).argmax(1).numpy() == val.labels).mean() * 100
+        dt = time.perf_counter() - t0
+        print(f"epoch {epoch + 1}: loss {loss.item():.3f} val top-1 {acc:.2f}% ({dt:.0f} s)")
+    out = Path(args.out)
+    path = out / "teacher-animals.onnx"
+    torch.onnx.export(
+        model,
+        (torch.zeros(2, 1, 28, 28),),
+        str(path),
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}},
+        dynamo=True,
+        external_data=False,
+        verbose=False,
+    )
+    (out / "teacher-animals.json").write_text(
+        json.dumps(
+            {
+                "model": args.model,
+                "epochs": args.epochs,
+                "seed": args.seed,
+                "val_top1_torch": float(acc),
+                "command": (
+                    f"python pipelines/demo/train_teacher.py --model {args.model} "
+                    f"--epochs {args.epochs} --out {args.out}"
+                ),
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB), val top-1 {acc:.2f}%")
+
+
+if __name__ == "__main__":
+    main()
