@@ -85,16 +85,29 @@ class BatchSource(torch.utils.data.Dataset):
         return out
 
 
-def loader(
-    source: BatchSource, keys: list[tuple[np.ndarray, np.ndarray]], workers: int, pin: bool
-) -> torch.utils.data.DataLoader:
-    """A DataLoader over precomputed batch keys; workers gather whole batches in parallel."""
+class EpochKeys(torch.utils.data.Sampler):
+    """The batch keys of the current epoch. The sampler lives in the main process, so replacing
+    ``keys`` between epochs lets one DataLoader keep its worker processes for the whole run."""
+
+    def __init__(self) -> None:
+        self.keys: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def __iter__(self) -> Any:
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def loader(source: BatchSource, sampler: EpochKeys, workers: int, pin: bool) -> torch.utils.data.DataLoader:
+    """A DataLoader over precomputed batch keys; workers gather whole batches in parallel and stay
+    alive across epochs."""
     return torch.utils.data.DataLoader(
         source,  # type: ignore[arg-type]
         batch_size=None,
-        sampler=keys,  # type: ignore[arg-type]
+        sampler=sampler,
         num_workers=workers,
         pin_memory=pin,
         prefetch_factor=4 if workers > 0 else None,
-        persistent_workers=False,
+        persistent_workers=workers > 0,
     )

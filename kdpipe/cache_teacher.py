@@ -36,6 +36,7 @@ class CacheJob:
     views: int = 0
     augment: str = "auto"  # "auto" | "pad-crop" | "rrc"
     pad: int = 4
+    flip: bool = True
     seed: int = 0
     batch_size: int = 256
     chunk_size: int = 0  # samples per chunk; 0 = about 4096 (sample, view) items per chunk
@@ -63,7 +64,7 @@ def view_policy_for(job: CacheJob, size: tuple[int, int], image_side: int) -> An
         kind = "pad-crop" if image_side <= 64 else "rrc"
     if kind not in ("pad-crop", "rrc"):
         raise KdpipeError(f"--augment {job.augment!r}: choose auto, pad-crop or rrc")
-    return ViewPolicy(kind=kind, size=size[0], pad=job.pad, flip=True)
+    return ViewPolicy(kind=kind, size=size[0], pad=job.pad, flip=job.flip)
 
 
 def build_manifest(job: CacheJob, graph: Any, taps: list[Any], spec: Any, dataset: Any, policy: Any) -> dict:
@@ -206,31 +207,58 @@ def cache_teacher(job: CacheJob, log: Any = print) -> dict[str, Any]:
     shard = discover_shard(job.shard)
     writer = cache_mod.create_or_resume(job.out, manifest, shard=(shard.index, shard.count))
     pending = writer.pending_chunks()
+    total_items = sum(b - a for _, a, b in _chunks_in_order(writer, pending)) * manifest["num_views"]
+
+    if not pending:
+        writer.finish()  # also seals a shard whose chunks were all journaled before a crash
+        log(f"cache {job.out} is already complete for shard {shard}; nothing to do")
+        return _summary(job, manifest, shard, 0, 0.0, None, [])
+    try:
+        runner = TeacherRunner(
+            graph,
+            taps,
+            spec,
+            targets=set(job.targets),
+            provider=job.provider,
+            threads=job.threads,
+            reduce=job.reduce,
+            dct_variants=job.dct_variants,
+            spinning=True,
+        )
+        log(
+            f"teacher {graph.path} on {', '.join(runner.providers)}; {len(taps)} tap(s): "
+            + ", ".join(f"{t.name} {tuple(t.shape)}" for t in taps)
+        )
+        if shard.count > 1:
+            log(f"shard {shard} ({shard.source}): {len(pending)} chunk(s) to do")
+        elif len(pending) < len(writer.chunks):
+            log(f"resuming: {len(pending)} of {len(writer.chunks)} chunk(s) left")
+        t0 = time.perf_counter()
+        correct, seen = _run_chunks(
+            job, writer, runner, manifest, pending, dataset, policy, spec, total_items
+        )
+        writer.finish()
+    finally:
+        writer.close()
+    elapsed = time.perf_counter() - t0
+    accuracy = (correct / seen) if seen else None
+    return _summary(job, manifest, shard, total_items, elapsed, accuracy, runner.providers)
+
+
+def _run_chunks(
+    job: CacheJob,
+    writer: Any,
+    runner: Any,
+    manifest: dict,
+    pending: list[int],
+    dataset: Any,
+    policy: Any,
+    spec: Any,
+    total_items: int,
+) -> tuple[int, int]:
+    """Prepare (in a background thread), run and write every pending chunk; returns (correct, seen)."""
     num_views = manifest["num_views"]
-    total_items = sum(b - a for _, a, b in _chunks_in_order(writer, pending)) * num_views
-
-    runner = TeacherRunner(
-        graph,
-        taps,
-        spec,
-        targets=set(job.targets),
-        provider=job.provider,
-        threads=job.threads,
-        reduce=job.reduce,
-        dct_variants=job.dct_variants,
-        spinning=True,
-    )
-    log(
-        f"teacher {graph.path} on {', '.join(runner.providers)}; {len(taps)} tap(s): "
-        + ", ".join(f"{t.name} {tuple(t.shape)}" for t in taps)
-    )
-    if shard.count > 1:
-        log(f"shard {shard} ({shard.source}): {len(pending)} chunk(s) to do")
-    elif len(pending) < writer.num_chunks if hasattr(writer, "num_chunks") else False:
-        log(f"resuming: {len(pending)} chunk(s) left")
-
     correct = seen = 0
-    t0 = time.perf_counter()
     bar = Progress(total_items, "cache", enabled=job.progress)
     order = list(_chunks_in_order(writer, pending))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdpipe-prep") as pool:
@@ -265,20 +293,31 @@ def cache_teacher(job: CacheJob, log: Any = print) -> dict[str, Any]:
             writer.write_chunk(prep.chunk, arrays)
             bar.update(n * num_views, acc=(correct / seen) if seen else 0.0)
     bar.close()
-    writer.finish()
-    elapsed = time.perf_counter() - t0
+    return correct, seen
+
+
+def _summary(
+    job: CacheJob,
+    manifest: dict,
+    shard: Any,
+    items: int,
+    elapsed: float,
+    accuracy: float | None,
+    providers: list[str],
+) -> dict[str, Any]:
+    from kdpipe import cache as cache_mod
+
     info = cache_mod.info(job.out)
-    summary = {
+    return {
         "cache": job.out,
         "samples": manifest["num_samples"],
-        "views": num_views,
+        "views": manifest["num_views"],
         "shard": str(shard),
-        "items_done": total_items,
+        "items_done": items,
         "seconds": round(elapsed, 3),
-        "items_per_s": round(total_items / elapsed, 1) if elapsed > 0 else None,
+        "items_per_s": round(items / elapsed, 1) if elapsed > 0 else None,
         "bytes_on_disk": info.get("bytes_on_disk"),
         "complete": info.get("complete"),
-        "teacher_accuracy": (correct / seen) if seen else None,
-        "providers": runner.providers,
+        "teacher_accuracy": accuracy,
+        "providers": providers,
     }
-    return summary

@@ -112,6 +112,7 @@ def inspect(teacher: str) -> None:
     help="View policy when --views > 0 (auto: pad-crop for images <= 64 px, else rrc).",
 )
 @click.option("--pad", default=4, show_default=True, help="Padding (px) of pad-crop views.")
+@click.option("--flip/--no-flip", default=True, show_default=True, help="Random horizontal flips in views.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the view parameters.")
 @click.option("--batch-size", default=256, show_default=True)
 @click.option("--chunk-size", default=0, help="Samples per journaled chunk (default: ~4096 items).")
@@ -157,6 +158,7 @@ def cache_teacher_cmd(
     views: int,
     augment: str,
     pad: int,
+    flip: bool,
     seed: int,
     batch_size: int,
     chunk_size: int,
@@ -198,6 +200,7 @@ def cache_teacher_cmd(
         views=views,
         augment=augment,
         pad=pad,
+        flip=flip,
         seed=seed,
         batch_size=batch_size,
         chunk_size=chunk_size,
@@ -302,6 +305,8 @@ def cache_merge(src: str, dst: str) -> None:
 @click.option("--views", default=0, show_default=True, help="Online teacher only: views per sample.")
 @click.option("--augment", default="auto", show_default=True, help="Online teacher only.")
 @click.option("--view-seed", default=0, show_default=True, help="Online teacher only.")
+@click.option("--view-pad", default=4, show_default=True, help="Online teacher only: pad-crop padding (px).")
+@click.option("--view-flip/--no-view-flip", default=True, show_default=True, help="Online teacher only.")
 @click.option("--out", required=True, type=click.Path(), help="Run folder.")
 @click.option("--epochs", default=10, show_default=True)
 @click.option("--batch-size", default=128, show_default=True)
@@ -346,6 +351,8 @@ def distill_cmd(
     views: int,
     augment: str,
     view_seed: int,
+    view_pad: int,
+    view_flip: bool,
     out: str,
     epochs: int,
     batch_size: int,
@@ -397,6 +404,8 @@ def distill_cmd(
         views=views,
         augment=augment,
         view_seed=view_seed,
+        view_pad=view_pad,
+        view_flip=view_flip,
         dct_variant=dct_variant,
         teacher_correct_mask=teacher_correct_mask,
         temperature=temperature,
@@ -439,6 +448,22 @@ def evaluate_cmd(model: str, data: str, batch_size: int, card: str | None) -> No
 
     r = evaluate_onnx(model, data, batch_size=batch_size, card=card)
     click.echo(json.dumps(r))
+
+
+@cli.command("show-maps")
+@click.argument("cache_path", type=click.Path())
+@click.option("--sample", default=0, show_default=True, help="Sample index in the cache.")
+@click.option("--view", default=0, show_default=True, help="Cached view of that sample.")
+@click.option("--run", "runs", multiple=True, help="A distill run folder to compare (repeatable).")
+@click.option("--data", default=None, help="Dataset (default: the one recorded in the cache).")
+@click.option("--out", default="maps.png", show_default=True, type=click.Path(), help="PNG to write.")
+def show_maps_cmd(
+    cache_path: str, sample: int, view: int, runs: tuple[str, ...], data: str | None, out: str
+) -> None:
+    """Figure of the teacher's cached attention maps beside the maps of student runs."""
+    from kdpipe.show_maps import show_maps
+
+    click.echo(show_maps(cache_path, sample, list(runs), out, view=view, data=data))
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdpipe import __version__
-from kdpipe.batches import BatchSource, epoch_order, epoch_views, loader, rank_batches
+from kdpipe.batches import BatchSource, EpochKeys, epoch_order, epoch_views, loader, rank_batches
 from kdpipe.distributed import WorldInfo, discover_world
 from kdpipe.errors import KdpipeError
 from kdpipe.progress import Progress
@@ -44,6 +44,8 @@ class DistillConfig:
     teacher_taps: str | list[str] = "auto"  # online teacher only
     views: int = 0  # online teacher only (a cache brings its own)
     augment: str = "auto"  # online teacher only
+    view_pad: int = 4  # online teacher only
+    view_flip: bool = True  # online teacher only
     view_seed: int = 0  # online teacher only
     dct_variant: str | None = None
     teacher_correct_mask: bool = False
@@ -251,6 +253,49 @@ def _check_dataset(cache: Any, dataset: Any, data: str) -> None:
         )
 
 
+# Settings a resumed run may change: they do not alter what is trained (or only extend it).
+_RESUME_FREE = {
+    "resume",
+    "progress",
+    "workers",
+    "threads",
+    "device",
+    "epochs",
+    "max_steps",
+    "export_onnx",
+    "eval_every",
+    "val_data",
+    "out",
+    "cache",
+    "online_teacher",
+    "data",
+}
+
+
+def _check_resumable(saved: dict[str, Any], now: dict[str, Any], out: Path) -> None:
+    diff = sorted(k for k in saved if k not in _RESUME_FREE and k in now and saved[k] != now[k])
+    if diff:
+        what = ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in diff)
+        raise KdpipeError(
+            f"--resume: {out} was started with other settings ({what}); resume with the original "
+            "settings, or choose another --out"
+        )
+
+
+def _truncate_logs(out: Path, epoch: int) -> None:
+    """Drop log records past the checkpoint (a run killed between logging and checkpointing an epoch
+    would otherwise log that epoch twice)."""
+    for name, key, keep in (
+        ("metrics.jsonl", "epoch", lambda e: e <= epoch),
+        ("steps.jsonl", "epoch", lambda e: e < epoch),
+    ):
+        path = out / name
+        if path.exists():
+            lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+            kept = [ln for ln in lines if keep(json.loads(ln)[key])]
+            path.write_text("".join(ln + "\n" for ln in kept))
+
+
 def _teacher_shapes(cache: Any) -> tuple[list[int], list[tuple[int, int]], int]:
     taps = cache.manifest["taps"]
     chans = [int(t["shape"][0]) for t in taps]
@@ -315,7 +360,15 @@ def distill(cfg: DistillConfig, log: Any = print) -> dict[str, Any]:
         taps = resolve_taps(graph, cfg.teacher_taps)
         spec = online_spec = spec_for(graph)
         policy = view_policy_for(
-            CacheJob(teacher="", data="", out="", views=cfg.views, augment=cfg.augment),
+            CacheJob(
+                teacher="",
+                data="",
+                out="",
+                views=cfg.views,
+                augment=cfg.augment,
+                pad=cfg.view_pad,
+                flip=cfg.view_flip,
+            ),
             spec.size,
             int(dataset.sizes().max()),
         )
@@ -357,6 +410,8 @@ def distill(cfg: DistillConfig, log: Any = print) -> dict[str, Any]:
     target_names = target_names_for(method.required_targets, len(t_chans), variant)
     if cache is not None:
         missing = [n for n in target_names if n not in available]
+        if not t_chans:  # a cache without taps (e.g. --targets logits) has no per-tap arrays to list
+            missing += [f"{k}.0" for k in sorted(method.required_targets - {"logits"})]
         if missing:
             raise KdpipeError(
                 f"method {cfg.method!r} needs cached targets {', '.join(missing)} that "
@@ -421,14 +476,20 @@ def distill(cfg: DistillConfig, log: Any = print) -> dict[str, Any]:
     start_epoch, best, history_steps = 0, -1.0, 0
     if cfg.resume and (ckpt_dir / "last.pt").exists():
         state = torch.load(ckpt_dir / "last.pt", map_location=device, weights_only=False)
+        _check_resumable(state.get("config", {}), asdict(cfg), out)
         module.load_state_dict(state["module"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"])
         start_epoch, best, history_steps = state["epoch"], state["best"], state["steps"]
+        if world.is_main:
+            _truncate_logs(out, start_epoch)
         log(f"resuming {out} at epoch {start_epoch + 1}")
     elif world.is_main:
+        if cfg.resume:
+            log(f"--resume: {out} holds no checkpoint yet; starting a new run")
         (out / "metrics.jsonl").write_text("")
+        (out / "steps.jsonl").unlink(missing_ok=True)
 
     if world.is_main:
         resolved = asdict(cfg) | {
@@ -482,6 +543,8 @@ def distill(cfg: DistillConfig, log: Any = print) -> dict[str, Any]:
     last_eval: dict[str, float] = {}
     steps_total = history_steps
     workers = 0 if online is not None else cfg.workers
+    sampler = EpochKeys()
+    train_loader = loader(source, sampler, workers, device.type == "cuda")
     for epoch in range(start_epoch, cfg.epochs):
         order = epoch_order(cfg.seed, epoch, len(dataset))
         views = epoch_views(cfg.seed, epoch, order, num_views)
@@ -497,7 +560,8 @@ def distill(cfg: DistillConfig, log: Any = print) -> dict[str, Any]:
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
         nsteps = 0
-        for step, batch in enumerate(loader(source, keys, workers, device.type == "cuda")):
+        sampler.keys = keys
+        for step, batch in enumerate(train_loader):
             lr = lr_at(cfg, epoch + step / len(keys))
             for g in optimizer.param_groups:
                 g["lr"] = lr
@@ -539,6 +603,7 @@ def distill(cfg: DistillConfig, log: Any = print) -> dict[str, Any]:
                                 "epoch": epoch,
                                 "step": step,
                                 "loss": loss_value,
+                                "seconds": round(time.perf_counter() - t0, 6),  # since the epoch began
                                 **{k: float(v) for k, v in terms.items()},
                             }
                         )

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import helper, shape_inference
+from onnx.external_data_helper import load_external_data_for_model
 
 from kdpipe.errors import KdpipeError
 
@@ -90,11 +91,30 @@ class TeacherGraph:
         return candidates(self)
 
 
-def _sha256(path: str) -> str:
+def _external_files(model: onnx.ModelProto) -> list[str]:
+    """Relative paths of the external-data files the model's initializers point to, sorted."""
+    files: set[str] = set()
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            files.update(e.value for e in t.external_data if e.key == "location")
+    return sorted(files)
+
+
+def _sha256(path: str, external_files: list[str]) -> str:
+    """SHA-256 of the .onnx file, followed by each external-data file (name, then bytes) it uses.
+
+    Without external data this is the plain file hash. With it (the dynamo exporter writes weights to
+    ``NAME.onnx.data``), the weights are part of the hash: two teachers that differ only in weights
+    must not share a cache.
+    """
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    base = os.path.dirname(path)
+    external = [(os.path.join(base, n), n.encode("utf-8") + b"\0") for n in external_files]
+    for fname, label in [(path, b""), *external]:
+        h.update(label)
+        with open(fname, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
     return h.hexdigest()
 
 
@@ -139,15 +159,25 @@ def collect_types(model: onnx.ModelProto) -> tuple[dict[str, Shape], dict[str, i
     return shapes, types
 
 
-def _check_file(path: str) -> onnx.ModelProto:
+def _check_file(path: str) -> tuple[onnx.ModelProto, list[str]]:
+    """The model (external data loaded) and the external-data files it uses."""
     if not os.path.isfile(path):
         raise KdpipeError(f"teacher file {path!r} does not exist; give the path to an .onnx file")
     try:
-        model = onnx.load(path)
+        model = onnx.load(path, load_external_data=False)
+        external = _external_files(model)
+        if external:
+            load_external_data_for_model(model, os.path.dirname(path))
     except Exception as e:
+        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        hint = (
+            "keep the external weights file next to the .onnx file"
+            if "external" in detail.lower() or "should be stored in" in detail
+            else "the file may be truncated or not ONNX: re-export it"
+        )
         raise KdpipeError(
-            f"teacher file {path!r} is not a readable ONNX model ({type(e).__name__}); "
-            "the file may be truncated or not ONNX: re-export it"
+            f"teacher file {path!r} is not a readable ONNX model ({type(e).__name__}"
+            f"{': ' + detail if detail else ''}); {hint}"
         ) from e
     if model.ir_version <= 0 or len(model.graph.node) == 0 or len(model.graph.output) == 0:
         raise KdpipeError(f"teacher file {path!r} is not an ONNX model (no graph found); re-export it")
@@ -164,7 +194,7 @@ def _check_file(path: str) -> onnx.ModelProto:
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise KdpipeError(f"teacher {path!r} is not a valid ONNX model: {first}; re-export it") from e
-    return model
+    return model, external
 
 
 def _is_small(d: int | None) -> bool:
@@ -285,7 +315,7 @@ def load_teacher(path: str, input_size: tuple[int, int] | None = None) -> Teache
     image-like input, or no 2-D (batch, classes) output.
     """
     path = os.fspath(path)
-    model = _check_file(path)
+    model, external = _check_file(path)
     vi, layout = _find_input(model, path)
     d = _dims(vi.type)
     assert d is not None
@@ -348,7 +378,7 @@ def load_teacher(path: str, input_size: tuple[int, int] | None = None) -> Teache
         )
     graph = TeacherGraph(
         path=path,
-        sha256=_sha256(path),
+        sha256=_sha256(path, external),
         model=inferred,
         input=info,
         logits_name=logits_name,

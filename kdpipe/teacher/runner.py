@@ -4,8 +4,9 @@ Two reduce modes give the same targets:
 - ``graph``: the attention maps and pooled vectors are computed inside the ONNX graph
   (:mod:`kdpipe.teacher.surgery`), so only the small targets leave onnxruntime;
 - ``native``: the raw tap activations are graph outputs, reduced by ``kdpipe.ops.tap_targets``.
-DCT targets are always computed from the attention maps with ``kdpipe.ops.dct_targets`` (their
-per-sample min-max normalisation makes the map's L2 normalisation irrelevant).
+DCT targets are computed from the attention maps (their per-sample min-max normalisation makes the
+map's L2 normalisation irrelevant): in the graph as small matrix products (``graph``), or with
+``kdpipe.ops.dct_targets`` (``native``).
 """
 
 from __future__ import annotations
@@ -124,7 +125,13 @@ class TeacherRunner:
         self._raw: list[str] = []
         if taps_needed and reduce == "graph":
             model, self._reduced = append_reductions(
-                model, graph.opset, self.taps, graph.elem_types, self._need_at, self._need_pooled
+                model,
+                graph.opset,
+                self.taps,
+                graph.elem_types,
+                "at" in self.targets,
+                self._need_pooled,
+                self.dct_variants,
             )
         elif taps_needed:
             self._raw = [t.name for t in self.taps]
@@ -170,11 +177,11 @@ class TeacherRunner:
         if "logits" in self.targets:
             out["logits"] = np.asarray(vals[self.graph.logits_name], dtype=np.float32)
         maps: dict[int, np.ndarray] = {}
-        if self.reduce == "graph":
+        if self.reduce == "graph":  # every target, DCT included, comes out of the graph
             for key, name in self._reduced.items():
                 out[key] = np.asarray(vals[name], dtype=np.float32)
-            maps = {i: out[f"at.{i}"] for i in range(len(self.taps)) if f"at.{i}" in out}
-        elif self._raw:
+            return out
+        if self._raw:
             for i, tap in enumerate(self.taps):
                 at, pooled = ops.tap_targets(vals[tap.name], channel_axis=tap.channel_axis)
                 if self._need_at:

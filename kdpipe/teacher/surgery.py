@@ -8,6 +8,11 @@ For a tap F with channel axis c and spatial axes s (NCHW: c=1, s=(2,3); NHWC: c=
 
 computed in float32 (a float16 tap is cast first). Reduce ops take ``axes`` as an input from opset 18
 (ReduceSum from 13) and as an attribute before; the builder follows the model's opset.
+
+DCT-driven targets (``kdpipe.ops.dct_targets_numpy`` defines them) are computed from ``at`` in the
+graph too, as matrix products: with ``a0 = at - mean_hw(at)``, Re FFT2(a0) = C_H a0 C_W - S_H a0 S_W
+(C, S: cos/sin of 2*pi*j*k/n) and the orthonormal DCT-II is D_H a0 D_W^T. A few small GEMMs per map
+cost far less than a host-side FFT pass; the per-sample min-max normalisation follows.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from kdpipe.ops import AT_EPS
+from kdpipe.ops import AT_EPS, DCT_EPS
 from kdpipe.teacher.taps import TapInfo
 
 PREFIX = "kdpipe__"
@@ -73,11 +78,16 @@ def append_reductions(
     elem_types: dict[str, int],
     want_at: bool,
     want_pooled: bool,
+    dct_variants: tuple[str, ...] = (),
 ) -> tuple[onnx.ModelProto, dict[str, str]]:
     """A copy of ``model`` computing the requested per-tap targets as new float32 outputs.
 
-    Returns the model and a map from cache array name (``at.{i}``, ``pooled.{i}``) to output name.
+    Returns the model and a map from cache array name (``at.{i}``, ``pooled.{i}``,
+    ``dct.{variant}.{i}``) to output name. DCT targets need the maps; with ``want_at`` False they are
+    computed but not output.
     """
+    want_at_output = want_at
+    want_at = want_at or bool(dct_variants)
     m = copy.deepcopy(model)
     b = _Builder(m, opset)
     outputs: dict[str, str] = {}
@@ -95,6 +105,65 @@ def append_reductions(
         if want_pooled:
             spatial = [2, 3] if tap.channel_axis == 1 else [1, 2]
             outputs[f"pooled.{i}"] = b.reduce("ReduceMean", f, spatial, 0, f"t{i}_pooled")
+    if dct_variants:
+        for i, tap in enumerate(taps):
+            _, h, w = tap.shape
+            for v in dct_variants:
+                outputs[f"dct.{v}.{i}"] = _dct(b, outputs[f"at.{i}"], int(h), int(w), v, f"t{i}_{v}")
+        if not want_at_output:
+            for i in range(len(taps)):
+                del outputs[f"at.{i}"]
     for out in outputs.values():
         m.graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, None))
     return m, outputs
+
+
+def _dft_mats(n: int, variant: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(first, second) float32 (n, n) matrices: (cos, sin) of 2*pi*j*k/n, or (DCT-II^T, None)."""
+    j = np.arange(n, dtype=np.float64)
+    if variant == "dct2":
+        d = np.sqrt(2.0 / n) * np.cos(np.pi * (2 * j[None, :] + 1) * j[:, None] / (2 * n))
+        d[0] /= np.sqrt(2.0)
+        return d.T.astype(np.float32), None  # a0 @ D^T transforms the last axis
+    ang = 2 * np.pi * np.outer(j, j) / n
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+def _transform(b: _Builder, a0: str, h: int, w: int, variant: str, hint: str) -> str:
+    """R^T (B, W, H): the transform of a0 (B, H, W), as GEMMs on the last axis and a transpose."""
+    fw, sw = _dft_mats(w, variant)
+    fh, sh = _dft_mats(h, variant)
+
+    def both_axes(mw: np.ndarray, mh: np.ndarray, tag: str) -> str:
+        x = b.node("MatMul", [a0, b.const(mw, f"{hint}_{tag}w")], f"{hint}_{tag}1")  # (B, H, W) @ (W, W)
+        x = b.node("Transpose", [x], f"{hint}_{tag}t", perm=[0, 2, 1])  # (B, W, H)
+        return b.node("MatMul", [x, b.const(mh, f"{hint}_{tag}h")], f"{hint}_{tag}2")  # @ (H, H)
+
+    first = both_axes(fw, fh, "c")
+    if sw is None or sh is None:
+        return first
+    # cos and sin matrices are symmetric: (C_H a0 C_W)^T = (a0 C_W)^T C_H
+    return b.node("Sub", [first, both_axes(sw, sh, "s")], f"{hint}_re")
+
+
+def _dct(b: _Builder, at: str, h: int, w: int, variant: str, hint: str) -> str:
+    """DCT-driven target (B, H, W) of the map ``at``; see ``kdpipe.ops.dct_targets_numpy``."""
+    mean = b.reduce("ReduceMean", at, [1, 2], 1, f"{hint}_mean")
+    a0 = b.node("Sub", [at, mean], f"{hint}_a0")
+    r = _transform(b, a0, h, w, variant, hint)
+    if variant == "dft-abs":
+        r = b.node("Abs", [r], f"{hint}_abs")
+    lo = b.reduce("ReduceMin", r, [1, 2], 1, f"{hint}_lo")
+    hi = b.reduce("ReduceMax", r, [1, 2], 1, f"{hint}_hi")
+    den = hi if variant == "dft-abs" else b.node("Sub", [hi, lo], f"{hint}_den")
+    big = b.node(
+        "Greater",
+        [b.node("Abs", [den], f"{hint}_absden"), b.const(np.asarray(DCT_EPS, dtype=np.float32), "deps")],
+        f"{hint}_ok",
+    )
+    one = b.const(np.ones((1, 1, 1), np.float32), f"{hint}_one")
+    zero = b.const(np.zeros((1, 1, 1), np.float32), f"{hint}_zero")
+    safe = b.node("Where", [big, den, one], f"{hint}_safe")
+    scaled = b.node("Div", [b.node("Sub", [r, lo], f"{hint}_shift"), safe], f"{hint}_scaled")
+    out_t = b.node("Where", [big, scaled, zero], f"{hint}_t")
+    return b.node("Transpose", [out_t], hint, perm=[0, 2, 1])

@@ -1,9 +1,10 @@
-"""Train the demo teacher on `animals` and export it to ONNX (pipelines/demo/teacher-animals.onnx).
+"""Train a demo teacher on a built-in dataset and export it to ONNX (pipelines/demo/teacher-DATA.onnx).
 
-This stands in for "a teacher trained in some framework": kdpipe only ever sees the ONNX file.
-Command that made the committed file (2 CPU cores):
+This stands in for "a teacher trained in some framework": kdpipe only ever sees the ONNX file and its
+card (teacher-DATA.yaml: the preprocessing). Commands that made the committed files (2 CPU cores):
 
-    python pipelines/demo/train_teacher.py --model resnet20 --epochs 20 --out pipelines/demo
+    python pipelines/demo/train_teacher.py --data animals --model resnet20 --epochs 20 --out pipelines/demo
+    python pipelines/demo/train_teacher.py --data digits --model resnet20 --epochs 30 --out pipelines/demo
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ SCALE, MEAN, STD = 1 / 255, (0.5,), (0.5,)
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default="animals")
     ap.add_argument("--model", default="resnet20")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=128)
@@ -36,11 +38,13 @@ def main() -> None:
     ap.add_argument("--out", default="pipelines/demo")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
-    train, val = load_dataset("animals"), load_dataset("animals:val")
+    train, val = load_dataset(args.data), load_dataset(f"{args.data}:val")
+    side = int(train.sizes()[0][0])
     norm = Normalize(scale=SCALE, mean=MEAN, std=STD, channels=1)
-    policy = ViewPolicy(kind="pad-crop", size=28, pad=2, flip=True)
-    plain = ViewPolicy(kind="none", size=28, flip=False)
-    model = create_model(args.model, num_classes=10, in_chans=1)
+    # digits are not mirror-symmetric: no flips there
+    policy = ViewPolicy(kind="pad-crop", size=side, pad=2, flip=args.data != "digits")
+    plain = ViewPolicy(kind="none", size=side, flip=False)
+    model = create_model(args.model, num_classes=train.num_classes, in_chans=1)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     n, bs = len(train), args.batch_size
     steps = args.epochs * (n // bs)
@@ -76,10 +80,10 @@ def main() -> None:
         dt = time.perf_counter() - t0
         print(f"epoch {epoch + 1}: loss {loss.item():.3f} val top-1 {acc:.2f}% ({dt:.0f} s)")
     out = Path(args.out)
-    path = out / "teacher-animals.onnx"
+    path = out / f"teacher-{args.data}.onnx"
     torch.onnx.export(
         model,
-        (torch.zeros(2, 1, 28, 28),),
+        (torch.zeros(2, 1, side, side),),
         str(path),
         input_names=["image"],
         output_names=["logits"],
@@ -88,15 +92,18 @@ def main() -> None:
         external_data=False,
         verbose=False,
     )
-    (out / "teacher-animals.json").write_text(
+    card = f"input_size: {side}\nscale: 1/255\nmean: [{MEAN[0]}]\nstd: [{STD[0]}]\n"
+    (out / f"teacher-{args.data}.yaml").write_text(card)
+    (out / f"teacher-{args.data}.json").write_text(
         json.dumps(
             {
+                "data": args.data,
                 "model": args.model,
                 "epochs": args.epochs,
                 "seed": args.seed,
                 "val_top1_torch": float(acc),
                 "command": (
-                    f"python pipelines/demo/train_teacher.py --model {args.model} "
+                    f"python pipelines/demo/train_teacher.py --data {args.data} --model {args.model} "
                     f"--epochs {args.epochs} --out {args.out}"
                 ),
             },

@@ -1,0 +1,205 @@
+"""The evidence of docs/results.md: every number there comes from this script.
+
+    python pipelines/evidence/run_evidence.py --data animals --epochs 10 --seeds 0 1 2 --out out/evidence
+    python pipelines/evidence/run_evidence.py --data digits --epochs 20 --methods-only --out out/evidence
+    python pipelines/evidence/run_evidence.py --report --out out/evidence   # tables, plot, maps -> docs/
+
+For one dataset: cache the committed teacher with K views; train the student with each method and seed
+from the cache; the same AT and DCT runs with --online-teacher (same views); and AT+KD with caches of
+K = 1, 4, 16 views against an online teacher that sees a fresh view every epoch. Runs whose
+summary.json exists are skipped, so the script resumes after an interruption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "pipelines" / "demo"
+METHODS = ["ce", "kd", "at", "dct", "afd", "at+kd", "dct+kd"]
+STUDENT = "resnet8"
+
+
+def kdpipe(*args: str) -> None:
+    cmd = [sys.executable, "-m", "kdpipe", *args]
+    print("+ kdpipe " + " ".join(args), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def cache(data: str, views: int, out: Path, flip: bool) -> Path:
+    path = out / data / f"cache-k{views}"
+    kdpipe(
+        "cache-teacher",
+        str(DEMO / f"teacher-{data}.onnx"),
+        "--card",
+        str(DEMO / f"teacher-{data}.yaml"),
+        "--data",
+        data,
+        "--views",
+        str(views),
+        "--pad",
+        "2",
+        "--flip" if flip else "--no-flip",
+        "--out",
+        str(path),
+        "--no-progress",
+    )
+    return path
+
+
+def train(data: str, out: Path, name: str, method: str, seed: int, epochs: int, source: list[str]) -> None:
+    run = out / data / "runs" / f"{name}-s{seed}"
+    if (run / "summary.json").exists():
+        return
+    if run.exists():
+        import shutil
+
+        shutil.rmtree(run)
+    kdpipe(
+        "distill",
+        *source,
+        "--data",
+        data,
+        "--val-data",
+        f"{data}:val",
+        "--student",
+        STUDENT,
+        "--method",
+        method,
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "128",
+        "--lr",
+        "0.05",
+        "--seed",
+        str(seed),
+        "--workers",
+        "1",
+        "--out",
+        str(run),
+        "--no-progress",
+        "--no-export",
+    )
+
+
+def run_all(data: str, epochs: int, seeds: list[int], out: Path, views: int, methods_only: bool) -> None:
+    flip = data != "digits"
+    main = cache(data, views, out, flip)
+    teacher = str(DEMO / f"teacher-{data}.onnx")
+    online = ["--online-teacher", teacher, "--views", str(views), "--augment", "pad-crop", "--view-pad", "2"]
+    if not flip:
+        online.append("--no-view-flip")
+    for seed in seeds:
+        for m in METHODS:
+            train(data, out, f"cache-k{views}-{m}", m, seed, epochs, ["--cache", str(main)])
+    if methods_only:
+        return
+    for seed in seeds:
+        for m in ("at", "dct"):
+            train(data, out, f"online-k{views}-{m}", m, seed, epochs, online)
+    for k in (1, 4, 16):
+        c = cache(data, k, out, flip) if k != views else main
+        for seed in seeds:
+            train(data, out, f"cache-k{k}-at+kd", "at+kd", seed, epochs, ["--cache", str(c)])
+    fresh = [*online[:3], str(epochs), *online[4:]]  # one fresh view per epoch: the online ideal
+    for seed in seeds:
+        train(data, out, "online-fresh-at+kd", "at+kd", seed, epochs, fresh)
+
+
+def summarise(out: Path) -> dict:
+    table: dict = {}
+    for data_dir in sorted(p for p in out.iterdir() if (p / "runs").is_dir()):
+        groups: dict[str, list[dict]] = {}
+        for run in sorted((data_dir / "runs").iterdir()):
+            s = run / "summary.json"
+            if not s.exists():
+                continue
+            name = run.name.rsplit("-s", 1)[0]
+            summ = json.loads(s.read_text())
+            curve = [
+                json.loads(line).get("val_top1") for line in (run / "metrics.jsonl").read_text().splitlines()
+            ]
+            groups.setdefault(name, []).append(summ | {"curve": curve})
+        table[data_dir.name] = {
+            name: {
+                "n": len(rs),
+                "last_mean": statistics.mean(r["last_top1"] for r in rs),
+                "last_std": statistics.stdev(r["last_top1"] for r in rs) if len(rs) > 1 else 0.0,
+                "best_mean": statistics.mean(r["best_top1"] for r in rs),
+                "best_std": statistics.stdev(r["best_top1"] for r in rs) if len(rs) > 1 else 0.0,
+                "s_per_epoch": statistics.mean(r["seconds_per_epoch"] for r in rs),
+                "curves": [r["curve"] for r in rs],
+            }
+            for name, rs in groups.items()
+        }
+    return table
+
+
+def report(out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = summarise(out)
+    (out / "evidence.json").write_text(json.dumps(table, indent=2))
+    docs = ROOT / "docs" / "img"
+    docs.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for data, groups in table.items():
+        lines.append(f"\n### {data}\n")
+        lines.append("| run | seeds | last top-1 % | best top-1 % | s/epoch |")
+        lines.append("|---|---|---|---|---|")
+        for name, g in groups.items():
+            lines.append(
+                f"| {name} | {g['n']} | {g['last_mean']:.2f} ± {g['last_std']:.2f} | "
+                f"{g['best_mean']:.2f} ± {g['best_std']:.2f} | {g['s_per_epoch']:.1f} |"
+            )
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, g in groups.items():
+            if (
+                name.startswith("cache-k")
+                and any(name.endswith(m) for m in ("-ce", "-kd", "-at+kd", "-dct+kd"))
+                or name.startswith("online")
+            ):
+                curve = [
+                    statistics.mean(c[i] for c in g["curves"]) for i in range(min(map(len, g["curves"])))
+                ]
+                ax.plot(range(1, len(curve) + 1), curve, label=name)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("val top-1 % (mean over seeds)")
+        ax.set_title(f"{STUDENT} on {data}")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(docs / f"curves-{data}.png", dpi=110)
+        plt.close(fig)
+    (out / "tables.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default="animals")
+    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--views", type=int, default=8)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--out", default="out/evidence")
+    ap.add_argument("--report", action="store_true")
+    ap.add_argument("--methods-only", action="store_true", help="Only the method table (no online/views).")
+    args = ap.parse_args()
+    out = Path(args.out)
+    if args.report:
+        report(out)
+    else:
+        run_all(args.data, args.epochs, args.seeds, out, args.views, args.methods_only)
+
+
+if __name__ == "__main__":
+    main()
