@@ -202,12 +202,16 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the cached runs")
     parser.add_argument("--threads", type=int, default=None, help="torch/onnxruntime threads")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--pair", action="append", help="TEACHER:STUDENT, e.g. wrn_40_2:wrn_16_1 (repeatable)"
+    )
     args = parser.parse_args()
     if args.quick:
         args.images, args.epochs = 512, 2
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="kdpipe-bench-distill-") as tmp:
-        pairs = [bench_pair(t, s, args, Path(tmp)) for t, s in PAIRS]
+        chosen = [(t, s) for t, s in PAIRS if not args.pair or f"{t}:{s}" in args.pair]
+        pairs = [bench_pair(t, s, args, Path(tmp)) for t, s in chosen]
     result = {
         "machine": {
             "platform": platform.platform(),

@@ -49,6 +49,8 @@ class CacheJob:
     card: str | None = None
     spec_overrides: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
+    # onnxruntime's idle threads spin by default; off, they leave the cores to the prep/write threads
+    spinning: bool = False
 
 
 def view_policy_for(job: CacheJob, size: tuple[int, int], image_side: int) -> Any:
@@ -223,7 +225,7 @@ def cache_teacher(job: CacheJob, log: Any = print) -> dict[str, Any]:
             threads=job.threads,
             reduce=job.reduce,
             dct_variants=job.dct_variants,
-            spinning=True,
+            spinning=job.spinning,
         )
         log(
             f"teacher {graph.path} on {', '.join(runner.providers)}; {len(taps)} tap(s): "
@@ -245,6 +247,25 @@ def cache_teacher(job: CacheJob, log: Any = print) -> dict[str, Any]:
     return _summary(job, manifest, shard, total_items, elapsed, accuracy, runner.providers)
 
 
+def _store_and_write(writer: Any, manifest: dict, prep: _Prepared, out: dict[str, np.ndarray]) -> None:
+    """Convert one chunk's float32 targets to their storage dtypes and write it (journaled)."""
+    num_views = manifest["num_views"]
+    n = prep.stop - prep.start
+    arrays: dict[str, np.ndarray] = {
+        "labels": prep.labels,
+        "view_params": prep.params.reshape(n, num_views, 5).astype(np.int32),
+    }
+    for name, meta in manifest["arrays"].items():
+        if name in arrays:
+            continue
+        try:
+            stored = ops.to_storage(out[name], meta["dtype"])
+        except OverflowError as e:
+            raise KdpipeError(f"target {name}: {e} (use --dtype float32)") from None
+        arrays[name] = stored.reshape(n, num_views, *meta["shape"])
+    writer.write_chunk(prep.chunk, arrays)
+
+
 def _run_chunks(
     job: CacheJob,
     writer: Any,
@@ -256,42 +277,42 @@ def _run_chunks(
     spec: Any,
     total_items: int,
 ) -> tuple[int, int]:
-    """Prepare (in a background thread), run and write every pending chunk; returns (correct, seen)."""
+    """Run every pending chunk; returns (correct, seen).
+
+    Three stages overlap: the next chunk's inputs are prepared in one background thread and the
+    previous chunk is converted and written (with fsync) in another, while the teacher runs.
+    """
     num_views = manifest["num_views"]
     correct = seen = 0
     bar = Progress(total_items, "cache", enabled=job.progress)
     order = list(_chunks_in_order(writer, pending))
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdpipe-prep") as pool:
+    with (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdpipe-prep") as prep_pool,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdpipe-write") as write_pool,
+    ):
 
         def submit(k: int) -> Any:
             c, a, b = order[k]
-            return pool.submit(_prepare, c, a, b, num_views, dataset, policy, spec, job.seed)
+            return prep_pool.submit(_prepare, c, a, b, num_views, dataset, policy, spec, job.seed)
 
         fut = submit(0) if order else None
+        writing: Any = None
         for k in range(len(order)):
             assert fut is not None
             prep = fut.result()
             fut = submit(k + 1) if k + 1 < len(order) else None
             out = _run_batches(runner, prep.inputs, job.batch_size)
             n = prep.stop - prep.start
-            arrays: dict[str, np.ndarray] = {
-                "labels": prep.labels,
-                "view_params": prep.params.reshape(n, num_views, 5).astype(np.int32),
-            }
-            for name, meta in manifest["arrays"].items():
-                if name in arrays:
-                    continue
-                try:
-                    stored = ops.to_storage(out[name], meta["dtype"])
-                except OverflowError as e:
-                    raise KdpipeError(f"target {name}: {e} (use --dtype float32)") from None
-                arrays[name] = stored.reshape(n, num_views, *meta["shape"])
             if "logits" in out:
                 pred = out["logits"].argmax(1).reshape(n, num_views)
                 correct += int((pred == prep.labels[:, None]).sum())
                 seen += n * num_views
-            writer.write_chunk(prep.chunk, arrays)
-            bar.update(n * num_views, acc=(correct / seen) if seen else 0.0)
+            if writing is not None:
+                writing.result()  # at most one chunk in flight; re-raises its error here
+            writing = write_pool.submit(_store_and_write, writer, manifest, prep, out)
+            bar.update(n * num_views, acc=f"{100 * correct / seen:.1f}%" if seen else "-")
+        if writing is not None:
+            writing.result()
     bar.close()
     return correct, seen
 

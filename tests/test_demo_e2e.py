@@ -61,6 +61,8 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "64",
         "--workers",
         "0",
+        "--max-steps",
+        "8",
         "--out",
         str(out / "run"),
         "--no-progress",

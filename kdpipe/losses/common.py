@@ -15,7 +15,8 @@ def as_float(x: torch.Tensor) -> torch.Tensor:
 
 def channel_energy(feat: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
     """``mean_c(F**2)`` of (B,C,H,W) -> (B,H,W), area-pooled (adaptive average) to ``size`` if it differs."""
-    a = as_float(feat).pow(2).mean(dim=1)
+    f = as_float(feat)
+    a = (f * f).mean(dim=1)  # f * f: same values as pow(2), cheaper backward on CPU
     if size is not None and tuple(a.shape[-2:]) != tuple(size):
         a = F.adaptive_avg_pool2d(a.unsqueeze(1), size).squeeze(1)
     return a
