@@ -27,6 +27,9 @@ class Progress:
         self.start = time.perf_counter()
         self._last_draw = 0.0
         self.fields: dict[str, str] = {}
+        # a terminal gets one redrawn line; a log file (cluster jobs) a plain line per 10 %
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._next_log = 0.1
 
     @property
     def rate(self) -> float:
@@ -37,8 +40,13 @@ class Progress:
         for k, v in fields.items():
             self.fields[k] = f"{v:.4g}" if isinstance(v, float) else str(v)
         now = time.perf_counter()
-        if self.enabled and (now - self._last_draw > 0.25 or self.done >= self.total):
+        if not self.enabled:
+            return
+        if self.tty and (now - self._last_draw > 0.25 or self.done >= self.total):
             self._last_draw = now
+            self._draw()
+        elif not self.tty and self.total and self.done >= self._next_log * self.total:
+            self._next_log = (int(10 * self.done / self.total) + 1) / 10
             self._draw()
 
     def _draw(self) -> None:
@@ -46,15 +54,16 @@ class Progress:
         bar = "#" * int(24 * frac)
         eta = (self.total - self.done) / self.rate if self.rate > 0 else 0.0
         extra = " ".join(f"{k}={v}" for k, v in self.fields.items())
+        start = "\r" if self.tty else ""
         line = (
-            f"\r{self.label} [{bar:<24}] {self.done}/{self.total} {self.rate:,.0f} {self.unit}/s "
+            f"{start}{self.label} [{bar:<24}] {self.done}/{self.total} {self.rate:,.0f} {self.unit}/s "
             f"ETA {format_seconds(eta)} {extra}"
         )
-        self.stream.write(line[:200])
+        self.stream.write(line[:200] + ("" if self.tty else "\n"))
         self.stream.flush()
 
     def close(self) -> None:
-        if self.enabled and self.total:
+        if self.enabled and self.total and self.tty:
             self._draw()
             self.stream.write("\n")
             self.stream.flush()

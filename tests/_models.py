@@ -17,6 +17,7 @@ import warnings
 from functools import cache
 
 import numpy as np
+import scipy.fft
 import torch
 import torch.nn as nn
 
@@ -230,3 +231,25 @@ def hooked(name: str, x: np.ndarray, paths: list[str]) -> tuple[np.ndarray, list
         for h in handles:
             h.remove()
     return logits.double().numpy(), [got[p].double().numpy() for p in paths]
+
+
+DCT_VARIANTS = ("dft-abs", "dft", "dct2")
+
+
+def reference_targets(f: np.ndarray, axis: int) -> dict[str, np.ndarray]:
+    """float64 targets of one activation (channel axis ``axis``), written from the papers' formulas:
+    at = l2n(mean_c(F**2)), pooled = mean_hw(F), and the three DCT variants (numpy.fft / scipy.fft)."""
+    f = np.moveaxis(f.astype(np.float64), axis, 1)
+    a = (f**2).mean(axis=1)
+    n = np.sqrt((a**2).sum(axis=(1, 2), keepdims=True))
+    out = {"at": a / np.maximum(n, 1e-12), "pooled": f.mean(axis=(2, 3))}
+    a0 = a - a.mean(axis=(1, 2), keepdims=True)
+    for v in DCT_VARIANTS:
+        if v == "dct2":
+            r = scipy.fft.dctn(a0, type=2, norm="ortho", axes=(1, 2))
+        else:
+            r = np.fft.fft2(a0).real
+            r = np.abs(r) if v == "dft-abs" else r
+        lo, hi = r.min(axis=(1, 2), keepdims=True), r.max(axis=(1, 2), keepdims=True)
+        out[f"dct.{v}"] = (r - lo) / (hi if v == "dft-abs" else hi - lo)
+    return out

@@ -21,7 +21,6 @@ from pathlib import Path
 import _models as M
 import numpy as np
 import pytest
-import scipy.fft
 from click.testing import CliRunner
 
 import kdpipe.cache
@@ -29,7 +28,7 @@ from kdpipe.cache_teacher import CacheJob, cache_teacher
 from kdpipe.cli import cli
 from kdpipe.errors import KdpipeError
 
-VARIANTS = ("dft-abs", "dft", "dct2")
+VARIANTS = M.DCT_VARIANTS
 N = 64  # samples of the small data set
 K = 5  # classes of the tiny teachers
 PAD = 2
@@ -77,24 +76,6 @@ def _rebuild_views(images: np.ndarray, params: np.ndarray, kind: str, pad: int) 
     return out.reshape(n * v, size, size, -1)
 
 
-def _targets_of(f: np.ndarray, axis: int) -> dict[str, np.ndarray]:
-    """float64 at / pooled / DCT targets of one activation with channel axis ``axis``."""
-    f = np.moveaxis(f.astype(np.float64), axis, 1)
-    a = (f**2).mean(axis=1)
-    norm = np.sqrt((a**2).sum(axis=(1, 2), keepdims=True))
-    out = {"at": a / np.maximum(norm, 1e-12), "pooled": f.mean(axis=(2, 3))}
-    a0 = a - a.mean(axis=(1, 2), keepdims=True)
-    for v in VARIANTS:
-        if v == "dct2":
-            r = scipy.fft.dctn(a0, type=2, norm="ortho", axes=(1, 2))
-        else:
-            r = np.fft.fft2(a0).real
-            r = np.abs(r) if v == "dft-abs" else r
-        lo, hi = r.min(axis=(1, 2), keepdims=True), r.max(axis=(1, 2), keepdims=True)
-        out[f"dct.{v}"] = (r - lo) / (hi if v == "dft-abs" else hi - lo)
-    return out
-
-
 def _expected(name: str, npz: Path, params: np.ndarray, kind: str, pad: int) -> dict[str, np.ndarray]:
     """Every cache array, recomputed: labels from the file, targets from the torch model's hooks."""
     with np.load(npz) as z:
@@ -108,7 +89,7 @@ def _expected(name: str, npz: Path, params: np.ndarray, kind: str, pad: int) -> 
     logits, acts = M.hooked(name, x, [p for p, _ in stages])
     ref = {"labels": labels, "logits": logits.reshape(n, v, -1)}
     for i, (act, (_, axis)) in enumerate(zip(acts, stages, strict=True)):
-        for key, val in _targets_of(act, axis).items():
+        for key, val in M.reference_targets(act, axis).items():
             ref[f"{key}.{i}"] = val.reshape(n, v, *val.shape[1:])
     return ref
 

@@ -6,7 +6,6 @@ import _models as M
 import numpy as np
 import onnxruntime as ort
 import pytest
-import scipy.fft
 
 from kdpipe.errors import KdpipeError
 from kdpipe.teacher import TeacherRunner, auto_taps, load_teacher
@@ -18,25 +17,7 @@ CASES = [
     ("nhwc", "legacy", True),
 ]
 IDS = [f"{n}-{e}-{'dyn' if d else 'b1'}" for n, e, d in CASES]
-VARIANTS = ("dft-abs", "dft", "dct2")
-
-
-def _reference(f: np.ndarray, axis: int) -> dict[str, np.ndarray]:
-    """float64 targets of one activation: at, pooled and the three DCT variants."""
-    f = np.moveaxis(f.astype(np.float64), axis, 1)
-    a = (f**2).mean(axis=1)
-    n = np.sqrt((a**2).sum(axis=(1, 2), keepdims=True))
-    out = {"at": a / np.maximum(n, 1e-12), "pooled": f.mean(axis=(2, 3))}
-    a0 = a - a.mean(axis=(1, 2), keepdims=True)
-    for v in VARIANTS:
-        if v == "dct2":
-            r = scipy.fft.dctn(a0, type=2, norm="ortho", axes=(1, 2))
-        else:
-            r = np.fft.fft2(a0).real
-            r = np.abs(r) if v == "dft-abs" else r
-        lo, hi = r.min(axis=(1, 2), keepdims=True), r.max(axis=(1, 2), keepdims=True)
-        out[f"dct.{v}"] = (r - lo) / (hi if v == "dft-abs" else hi - lo)
-    return out
+VARIANTS = M.DCT_VARIANTS
 
 
 @pytest.mark.parametrize("reduce", ["graph", "native"])
@@ -64,7 +45,7 @@ def test_targets_match_torch(name, exporter, dynamic, reduce):
     assert all(v.dtype == np.float32 for v in out.values())
     np.testing.assert_allclose(out["logits"], logits, atol=1e-5, rtol=0)
     for i, (act, (_, axis)) in enumerate(zip(acts, M.MODELS[name].STAGES, strict=True)):
-        ref = _reference(act, axis)
+        ref = M.reference_targets(act, axis)
         np.testing.assert_allclose(out[f"at.{i}"], ref["at"], atol=1e-5, rtol=0)
         np.testing.assert_allclose(out[f"pooled.{i}"], ref["pooled"], atol=1e-5, rtol=0)
         for v in VARIANTS:

@@ -4,14 +4,14 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 out="${KDPIPE_DEMO_OUT:-out/demo}"
-epochs="${KDPIPE_DEMO_EPOCHS:-15}"
+epochs="${KDPIPE_DEMO_EPOCHS:-6}"
 teacher="$here/teacher-animals.onnx"
 card="$here/teacher-animals.yaml"
 mkdir -p "$out"
 
 kdpipe doctor
 kdpipe inspect "$teacher"
-kdpipe cache-teacher "$teacher" --card "$card" --data animals --views 8 --out "$out/cache"
+kdpipe cache-teacher "$teacher" --card "$card" --data animals --views 4 --pad 2 --out "$out/cache"
 kdpipe cache verify "$out/cache"
 common=(--cache "$out/cache" --data animals --val-data animals:val --student resnet8 --epochs "$epochs"
         --batch-size 128 --lr 0.05 --seed 0)
