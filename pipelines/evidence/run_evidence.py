@@ -1,7 +1,7 @@
 """The evidence of docs/results.md: every number there comes from this script.
 
     python pipelines/evidence/run_evidence.py --data animals --epochs 8 --seeds 0 1 2 --out out/evidence
-    python pipelines/evidence/run_evidence.py --data digits --epochs 20 --methods-only --out out/evidence
+    python pipelines/evidence/run_evidence.py --data digits --epochs 20 --part methods --out out/evidence
     python pipelines/evidence/run_evidence.py --report --out out/evidence   # tables, plot, maps -> docs/
 
 For one dataset: cache the committed teacher with K views; train the student with each method and seed
@@ -52,6 +52,9 @@ def cache(data: str, views: int, out: Path, flip: bool) -> Path:
     return path
 
 
+THREADS: list[str] = []  # ["--threads", "N"] when set on the command line
+
+
 def train(data: str, out: Path, name: str, method: str, seed: int, epochs: int, source: list[str]) -> None:
     run = out / data / "runs" / f"{name}-s{seed}"
     if (run / "summary.json").exists():
@@ -89,29 +92,30 @@ def train(data: str, out: Path, name: str, method: str, seed: int, epochs: int, 
 
 
 def run_all(
-    data: str, epochs: int, seeds: list[int], out: Path, views: int, methods_only: bool, view_seeds: list[int]
+    data: str, epochs: int, seeds: list[int], out: Path, views: int, part: str, view_seeds: list[int]
 ) -> None:
+    """``part``: all, methods (cached method table), online (cached-vs-online), views (K sweep)."""
     flip = data != "digits"
     main = cache(data, views, out, flip)
     teacher = str(DEMO / f"teacher-{data}.onnx")
     online = ["--online-teacher", teacher, "--views", str(views), "--augment", "pad-crop", "--view-pad", "2"]
     if not flip:
         online.append("--no-view-flip")
-    for seed in seeds:
-        for m in METHODS:
-            train(data, out, f"cache-k{views}-{m}", m, seed, epochs, ["--cache", str(main)])
-    if methods_only:
-        return
-    for seed in seeds:
-        for m in ("at", "dct"):
-            train(data, out, f"online-k{views}-{m}", m, seed, epochs, online)
-    for k in (1, 4, 16):
-        c = cache(data, k, out, flip) if k != views else main
+    if part in ("all", "methods"):
+        for seed in seeds:
+            for m in METHODS:
+                train(data, out, f"cache-k{views}-{m}", m, seed, epochs, ["--cache", str(main)])
+    if part in ("all", "online"):
+        for seed in seeds:
+            for m in ("at", "dct"):
+                train(data, out, f"online-k{views}-{m}", m, seed, epochs, online)
+    if part in ("all", "views"):
+        fresh = [*online[:3], str(epochs), *online[4:]]  # a fresh view every epoch: the online ideal
         for seed in view_seeds:
-            train(data, out, f"cache-k{k}-at+kd", "at+kd", seed, epochs, ["--cache", str(c)])
-    fresh = [*online[:3], str(epochs), *online[4:]]  # one fresh view per epoch: the online ideal
-    for seed in seeds:
-        train(data, out, "online-fresh-at+kd", "at+kd", seed, epochs, fresh)
+            for k in (1, 4, 16):
+                c = cache(data, k, out, flip) if k != views else main
+                train(data, out, f"cache-k{k}-at+kd", "at+kd", seed, epochs, ["--cache", str(c)])
+            train(data, out, "online-fresh-at+kd", "at+kd", seed, epochs, fresh)
 
 
 def summarise(out: Path) -> dict:
@@ -195,13 +199,16 @@ def main() -> None:
     ap.add_argument("--view-seeds", type=int, nargs="+", default=[0], help="Seeds of the K-views sweep.")
     ap.add_argument("--out", default="out/evidence")
     ap.add_argument("--report", action="store_true")
-    ap.add_argument("--methods-only", action="store_true", help="Only the method table (no online/views).")
+    ap.add_argument("--part", default="all", choices=["all", "methods", "online", "views"])
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per training run")
     args = ap.parse_args()
     out = Path(args.out)
     if args.report:
         report(out)
     else:
-        run_all(args.data, args.epochs, args.seeds, out, args.views, args.methods_only, args.view_seeds)
+        if args.threads:
+            THREADS[:] = ["--threads", str(args.threads)]
+        run_all(args.data, args.epochs, args.seeds, out, args.views, args.part, args.view_seeds)
 
 
 if __name__ == "__main__":
