@@ -150,8 +150,10 @@ class CacheWriter:
                 if not exists:
                     created.append(fpath)
                     _pwrite_all(fd, header, 0)
-                self._preallocate(fd, total)
-                os.fsync(fd)
+                # a file already reserved in full (a resumed or complete shard) is left untouched
+                if not exists or os.fstat(fd).st_blocks * 512 < total:
+                    self._preallocate(fd, total)
+                    os.fsync(fd)
                 self._offsets[name] = len(header)
         except OSError as e:
             for fd in self._fds.values():

@@ -88,6 +88,7 @@ def train(data: str, out: Path, name: str, method: str, seed: int, epochs: int, 
         str(run),
         "--no-progress",
         "--no-export",
+        *THREADS,
     )
 
 
@@ -139,7 +140,7 @@ def summarise(out: Path) -> dict:
                 "last_std": statistics.stdev(r["last_top1"] for r in rs) if len(rs) > 1 else 0.0,
                 "best_mean": statistics.mean(r["best_top1"] for r in rs),
                 "best_std": statistics.stdev(r["best_top1"] for r in rs) if len(rs) > 1 else 0.0,
-                "s_per_epoch": statistics.mean(r["seconds_per_epoch"] for r in rs),
+                "s_per_epoch": statistics.median(r["seconds_per_epoch"] for r in rs),
                 "curves": [r["curve"] for r in rs],
             }
             for name, rs in groups.items()
@@ -186,6 +187,22 @@ def report(out: Path) -> None:
         fig.tight_layout()
         fig.savefig(docs / f"curves-{data}.png", dpi=110)
         plt.close(fig)
+        runs = out / data / "runs"
+        before, after = runs / "cache-k8-ce-s0", runs / "cache-k8-at+kd-s0"
+        if (before / "summary.json").exists() and (after / "summary.json").exists():
+            for sample in (3, 4100):
+                kdpipe(
+                    "show-maps",
+                    str(out / data / "cache-k8"),
+                    "--sample",
+                    str(sample),
+                    "--run",
+                    str(before),
+                    "--run",
+                    str(after),
+                    "--out",
+                    str(docs / f"maps-{data}-{sample}.png"),
+                )
     (out / "tables.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
