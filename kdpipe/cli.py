@@ -295,6 +295,12 @@ def cache_merge(src: str, dst: str) -> None:
     "--student-taps", default="auto", show_default=True, help="auto or comma-separated module paths."
 )
 @click.option("--teacher-taps", default="auto", show_default=True, help="Online teacher only.")
+@click.option(
+    "--teacher-card",
+    type=click.Path(),
+    default=None,
+    help="Online teacher only: its YAML card (preprocessing), as given to cache-teacher --card.",
+)
 @click.option("--method", default="kd", show_default=True, help="ce, kd, at, dct, afd or sums like at+kd.")
 @click.option("--weight", multiple=True, help="Override a loss weight, e.g. --weight at=1000 (repeatable).")
 @click.option(
@@ -343,6 +349,7 @@ def distill_cmd(
     student_arg: tuple[str, ...],
     student_taps: str,
     teacher_taps: str,
+    teacher_card: str | None,
     method: str,
     weight: tuple[str, ...],
     dct_variant: str | None,
@@ -401,6 +408,7 @@ def distill_cmd(
         val_data=val_data,
         student_taps=taps_arg(student_taps),
         teacher_taps=taps_arg(teacher_taps),
+        teacher_card=teacher_card,
         views=views,
         augment=augment,
         view_seed=view_seed,

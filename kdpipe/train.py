@@ -42,6 +42,7 @@ class DistillConfig:
     val_data: str | None = None
     student_taps: str | list[str] = "auto"
     teacher_taps: str | list[str] = "auto"  # online teacher only
+    teacher_card: str | None = None  # online teacher only: YAML card with its preprocessing
     views: int = 0  # online teacher only (a cache brings its own)
     augment: str = "auto"  # online teacher only
     view_pad: int = 4  # online teacher only
@@ -358,7 +359,7 @@ def distill(cfg: DistillConfig, log: Any = print) -> dict[str, Any]:
         assert cfg.online_teacher is not None
         graph = load_teacher(cfg.online_teacher)
         taps = resolve_taps(graph, cfg.teacher_taps)
-        spec = online_spec = spec_for(graph)
+        spec = online_spec = spec_for(graph, card=cfg.teacher_card)
         policy = view_policy_for(
             CacheJob(
                 teacher="",

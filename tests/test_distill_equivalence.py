@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _distill import cached, distill_args, read_jsonl, run_ok, teacher
+from _distill import cached, distill_args, read_jsonl, run_ok, teacher, train_data
 
 STEPS = {"KDPIPE_LOG_STEPS": "1"}
 
@@ -58,3 +58,55 @@ def test_float16_cache_within_storage_precision(tmp_path: Path, method: str) -> 
     for term in a:
         np.testing.assert_allclose(a[term], b[term], rtol=1e-3, atol=1e-6, err_msg=term)
     assert np.ptp(a["loss"]) > 0  # the steps did see different batches and views
+
+
+def test_teacher_card_reaches_the_online_teacher(tmp_path: Path) -> None:
+    # A non-default card changes the teacher's (and so the student's) input normalisation: the online
+    # run must use the same card as cache-teacher, or the targets differ (a bug that once slipped by
+    # because both sides used the default preprocessing).
+    card = tmp_path / "card.yaml"
+    card.write_text("scale: 1/255\nmean: [0.5]\nstd: [0.25]\n")
+    cache = tmp_path / "cache"
+    run_ok(
+        [
+            "cache-teacher",
+            teacher(),
+            "--data",
+            train_data(),
+            "--out",
+            str(cache),
+            "--views",
+            "2",
+            "--dtype",
+            "float32",
+            "--card",
+            str(card),
+            "--threads",
+            "1",
+            "--no-progress",
+        ]
+    )
+    common = ["--method", "at+kd", "--no-export", "--seed", "3"]
+    run_ok(distill_args(tmp_path / "c", *common, cache_path=str(cache), epochs=2), STEPS)
+    run_ok(
+        distill_args(
+            tmp_path / "o",
+            *common,
+            "--online-teacher",
+            teacher(),
+            "--teacher-card",
+            str(card),
+            "--views",
+            "2",
+            epochs=2,
+        ),
+        STEPS,
+    )
+    a, b = _losses(tmp_path / "c"), _losses(tmp_path / "o")
+    for term in a:
+        np.testing.assert_allclose(a[term], b[term], rtol=1e-5, atol=1e-7, err_msg=term)
+    # and without the card the online run is a different run
+    run_ok(
+        distill_args(tmp_path / "n", *common, "--online-teacher", teacher(), "--views", "2", epochs=2), STEPS
+    )
+    assert not np.allclose(_losses(tmp_path / "n")["loss"], a["loss"], rtol=1e-3)

@@ -99,7 +99,19 @@ def run_all(
     flip = data != "digits"
     main = cache(data, views, out, flip)
     teacher = str(DEMO / f"teacher-{data}.onnx")
-    online = ["--online-teacher", teacher, "--views", str(views), "--augment", "pad-crop", "--view-pad", "2"]
+    card = str(DEMO / f"teacher-{data}.yaml")
+    online = [
+        "--online-teacher",
+        teacher,
+        "--teacher-card",
+        card,
+        "--views",
+        str(views),
+        "--augment",
+        "pad-crop",
+        "--view-pad",
+        "2",
+    ]
     if not flip:
         online.append("--no-view-flip")
     if part in ("all", "methods"):
@@ -111,7 +123,7 @@ def run_all(
             for m in ("at", "dct"):
                 train(data, out, f"online-k{views}-{m}", m, seed, epochs, online)
     if part in ("all", "views"):
-        fresh = [*online[:3], str(epochs), *online[4:]]  # a fresh view every epoch: the online ideal
+        fresh = [*online[:5], str(epochs), *online[6:]]  # a fresh view every epoch: the online ideal
         for seed in view_seeds:
             for k in (1, 4, 16):
                 c = cache(data, k, out, flip) if k != views else main
