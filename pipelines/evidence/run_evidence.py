@@ -202,7 +202,8 @@ def report(out: Path) -> None:
         runs = out / data / "runs"
         before, after = runs / "cache-k8-ce-s0", runs / "cache-k8-at+kd-s0"
         if (before / "summary.json").exists() and (after / "summary.json").exists():
-            for sample in (3, 4100):
+            n = json.loads((out / data / "cache-k8" / "manifest.json").read_text())["num_samples"]
+            for sample in (3, n // 2):
                 kdpipe(
                     "show-maps",
                     str(out / data / "cache-k8"),
