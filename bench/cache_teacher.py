@@ -133,6 +133,26 @@ def runner_fn(path: str, xf: np.ndarray, batch: int, threads: int, reduce: str) 
     return run
 
 
+def cache_job(
+    path: str, npz: str, out: Path, batch: int, threads: int, reduce: str, chunk: int, spinning: bool = False
+) -> Any:
+    """The CacheJob every cache-teacher path of this benchmark runs (CPU, no progress bar)."""
+    from kdpipe.cache_teacher import CacheJob
+
+    return CacheJob(
+        teacher=path,
+        data=npz,
+        out=str(out),
+        batch_size=batch,
+        threads=threads,
+        reduce=reduce,
+        chunk_size=chunk,
+        provider="cpu",
+        progress=False,
+        spinning=spinning,
+    )
+
+
 def cache_fn(
     path: str,
     npz: str,
@@ -146,26 +166,16 @@ def cache_fn(
 ) -> Callable[[], None]:
     """End-to-end cache-teacher; also appends the run's steady-state img/s (first chunk to last
     journaled write, i.e. without the one-time teacher load and session creation) to ``steady``."""
-    from kdpipe.cache_teacher import CacheJob, cache_teacher
+    from kdpipe.cache_teacher import cache_teacher
 
     n = int(np.load(npz)["y"].shape[0])
 
     def run() -> None:
         out = folder / f"cache-{reduce}"
         shutil.rmtree(out, ignore_errors=True)
-        job = CacheJob(
-            teacher=path,
-            data=npz,
-            out=str(out),
-            batch_size=batch,
-            threads=threads,
-            reduce=reduce,
-            chunk_size=chunk,
-            provider="cpu",
-            progress=False,
-            spinning=spinning,
+        s = cache_teacher(
+            cache_job(path, npz, out, batch, threads, reduce, chunk, spinning), log=lambda _m: None
         )
-        s = cache_teacher(job, log=lambda _m: None)
         assert s["complete"] and s["items_done"] == n
         steady.append(float(s["items_per_s"]))
 
@@ -213,25 +223,12 @@ def stage_timers() -> Iterator[dict[str, float]]:
 def profile_cache(
     path: str, npz: str, folder: Path, batch: int, threads: int, reduce: str, chunk: int
 ) -> dict:
-    from kdpipe.cache_teacher import CacheJob, cache_teacher
+    from kdpipe.cache_teacher import cache_teacher
 
     out = folder / f"profile-{reduce}"
     with stage_timers() as acc:
         t0 = time.perf_counter()
-        cache_teacher(
-            CacheJob(
-                teacher=path,
-                data=npz,
-                out=str(out),
-                batch_size=batch,
-                threads=threads,
-                reduce=reduce,
-                chunk_size=chunk,
-                provider="cpu",
-                progress=False,
-            ),
-            log=lambda _m: None,
-        )
+        cache_teacher(cache_job(path, npz, out, batch, threads, reduce, chunk), log=lambda _m: None)
         total = time.perf_counter() - t0
     shutil.rmtree(out, ignore_errors=True)
     return {"total_s": round(total, 3), **{k: round(v, 3) for k, v in acc.items()}}

@@ -112,7 +112,7 @@ def build_manifest(job: CacheJob, graph: Any, taps: list[Any], spec: Any, datase
         },
         "teacher": {
             "sha256": graph.sha256,
-            "input": graph.input.to_dict() if hasattr(graph.input, "to_dict") else str(graph.input),
+            "input": graph.input.to_dict(),
             "num_classes": graph.num_classes,
             "spec": spec.to_dict(),
         },

@@ -308,6 +308,7 @@ def distill(cfg: DistillConfig, log: Any = print) -> dict[str, Any]:
     """Run (or resume) a distillation run; returns the summary written to RUN/summary.json."""
     from kdpipe import cache as cache_mod
     from kdpipe.data import load_dataset
+    from kdpipe.data.preprocess import Normalize
     from kdpipe.losses import parse_method
     from kdpipe.student import StudentTaps, create_model
 
@@ -341,7 +342,6 @@ def distill(cfg: DistillConfig, log: Any = print) -> dict[str, Any]:
     if cfg.cache is not None:
         cache = cache_mod.open(cfg.cache, require_complete=True)
         _check_dataset(cache, dataset, cfg.data)
-        from kdpipe.data.preprocess import Normalize
         from kdpipe.data.views import ViewPolicy
 
         policy = ViewPolicy.from_dict(cache.manifest["views"]["policy"])
@@ -391,7 +391,6 @@ def distill(cfg: DistillConfig, log: Any = print) -> dict[str, Any]:
             dct_variants=tuple(dct_variants),
             spinning=False,
         )
-        available = set(online.output_names) if hasattr(online, "output_names") else set()
         cache = None
     if t_classes and dataset.num_classes > t_classes:
         raise KdpipeError(f"the dataset has {dataset.num_classes} classes but the teacher {t_classes}")
@@ -420,8 +419,6 @@ def distill(cfg: DistillConfig, log: Any = print) -> dict[str, Any]:
             )
 
     # --- student
-    from kdpipe.data.preprocess import Normalize
-
     in_chans = teacher_norm.channels
     student_norm = Normalize(
         scale=teacher_norm.scale,
