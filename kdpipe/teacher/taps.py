@@ -3,7 +3,8 @@
 Layout tracking: every 4-D tensor gets "NCHW", "NHWC" or None. The input's layout seeds it; a
 Transpose with perm (0,2,3,1) turns NCHW into NHWC and (0,3,1,2) NHWC into NCHW; ONNX's spatial ops
 (Conv, pools, BatchNormalization, ...) produce NCHW by definition; other ops pass on the layout of
-their first 4-D input; a Reshape-like op producing 4-D gives None;
+their first 4-D input; a Reshape-like op producing 4-D gives None, except a Reshape that keeps the
+static shape (tf2onnx's leftover of a Transpose on a 1x1 map), which keeps the layout;
 a MatMul keeps NHWC (a Linear over channels) and gives None otherwise (not offered as a tap).
 
 ``auto``: per spatial resolution (H, W), the last residual Add (an Add of two 4-D activations of the
@@ -102,6 +103,12 @@ def _perm(node: onnx.NodeProto) -> tuple[int, ...] | None:
     return None
 
 
+def _same_shape(graph: TeacherGraph, a: str, b: str) -> bool:
+    """True when 4-D tensors ``a`` and ``b`` have the same static non-batch dims (a no-op reshape)."""
+    sa, sb = graph.shapes.get(a), graph.shapes.get(b)
+    return sa is not None and len(sa) == 4 and None not in sa[1:] and sb is not None and sa[1:] == sb[1:]
+
+
 def layouts(graph: TeacherGraph) -> dict[str, str | None]:
     """Layout of every 4-D tensor reachable from the input (see module docstring)."""
     out: dict[str, str | None] = {graph.input.name: graph.input.layout}
@@ -124,6 +131,8 @@ def layouts(graph: TeacherGraph) -> dict[str, str | None]:
             lay = "NHWC" if out.get(node.input[0]) == "NHWC" else None
         elif node.op_type in NCHW_OPS:
             lay = "NCHW"
+        elif node.op_type == "Reshape" and _same_shape(graph, node.input[0], node.output[0]):
+            lay = out.get(node.input[0])  # tf2onnx writes Transposes of 1x1 maps as such Reshapes
         elif node.op_type in RESHAPE_OPS:
             lay = None
         else:
