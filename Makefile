@@ -38,6 +38,7 @@ bench: install
 	$(PY) bench/ops.py
 	$(PY) bench/cache_teacher.py
 	$(PY) bench/distill.py
+	$(PY) bench/losses.py
 
 clean:
 	rm -rf build $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -11,8 +11,9 @@ images per second, with the same batch and onnxruntime threads:
   file: load the teacher, read the images, make the views, preprocess, run, convert to the storage
   dtypes, write the journaled cache to disk (nothing subtracted; a fresh cache folder each repeat).
 
-Overheads are relative to ``plain`` (best of the repeats, run in interleaved rounds; medians are in
-the JSON). With
+The paths run in ``--repeats`` interleaved rounds. Two overheads relative to ``plain``: *best/best*
+(best rate of each path) and *paired*, the median over rounds of the ratio within a round (the headline:
+this machine's speed drifts by 10-20 % over minutes, and a ratio within a round cancels that). With
 ``--profile`` the end-to-end run is also broken down by stage (time inside each stage, summed over
 chunks; the view preparation runs in a background thread, so stages overlap).
 
@@ -251,7 +252,9 @@ def main() -> None:
         args.images, args.repeats, args.chunk = 512, 1, 256
 
     from kdpipe import __version__, ops
+    from kdpipe.memory import keep_freed_memory
 
+    keep_freed_memory()  # what cache_teacher() does; applied first so that every path runs with it
     load_before = os.getloadavg()
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="kdpipe-bench-ct-") as tmp:
@@ -291,6 +294,14 @@ def main() -> None:
             base = r["plain"]["best_img_s"]
             for val in r.values():
                 val["overhead_pct"] = round(100 * (base / val["best_img_s"] - 1), 1)
+            # the machine's speed drifts between rounds: the headline is the median of within-round ratios
+            plain_rates = [args.images / t for t in times["plain"]]
+            for key, val in r.items():
+                rates = steady[key[: -len(" steady")]][1:] if key.endswith(" steady") else None
+                rates = rates or [args.images / t for t in times[key]]
+                per_round = [p / q - 1 for p, q in zip(plain_rates, rates, strict=True)]
+                val["overhead_paired_pct"] = round(100 * float(np.median(per_round)), 1)
+                val["overhead_per_round_pct"] = [round(100 * x, 1) for x in per_round]
             if args.profile:
                 r["profile"] = {
                     reduce: profile_cache(path, npz, folder, args.batch, args.threads, reduce, args.chunk)
@@ -331,14 +342,14 @@ def print_table(result: dict[str, Any]) -> None:
         f"chunk {result['chunk_size']}, best of {result['repeats']}; load average before "
         f"{result['loadavg_before']}, after {result['loadavg_after']}"
     )
-    print(f"{'teacher':<11}{'path':<15}{'best img/s':>11}{'median img/s':>14}{'overhead':>10}")
+    print(f"{'teacher':<11}{'path':<21}{'best img/s':>11}{'median img/s':>14}{'best/best':>10}{'paired':>9}")
     for name, r in result["results"].items():
         for key, val in r.items():
             if key == "profile":
                 continue
             print(
-                f"{TEACHERS.get(name, name):<11}{key:<15}{val['best_img_s']:>11.0f}"
-                f"{val['median_img_s']:>14.0f}{val['overhead_pct']:>9.1f}%"
+                f"{TEACHERS.get(name, name):<11}{key:<21}{val['best_img_s']:>11.0f}"
+                f"{val['median_img_s']:>14.0f}{val['overhead_pct']:>9.1f}%{val['overhead_paired_pct']:>8.1f}%"
             )
         for reduce, prof in r.get("profile", {}).items():
             parts = ", ".join(f"{k.strip()} {v:.2f}" for k, v in prof.items())

@@ -4,11 +4,12 @@ For each teacher -> student pair (WRN-40-2 -> WRN-16-1, ResNet-56 -> ResNet-20; 
 teacher exported to ONNX) over random 3x32x32 uint8 images, one cache (1 view) is made, then the same
 student trains through the real loop (``kdpipe.train.distill``: DataLoader workers, cache gather,
 forward with tap hooks, loss, SGD step) with: plain CE (no targets read), cached AT, cached DCT,
-cached AFD+KD, and the online teacher (AT, onnxruntime on every batch). The time per step is the
-median over the timed epochs (the first epoch is a warm-up) of epoch seconds / steps, from
-metrics.jsonl. Writes bench/results/distill.json and prints a table.
+cached AFD+KD, and the online teacher (AT, onnxruntime on every batch). A run's time per step is the
+median of the intervals between consecutive steps after its first (warm-up) epoch (``steps.jsonl``).
+The runs repeat in ``--rounds`` interleaved rounds (order rotated); overheads are medians over rounds
+of within-round ratios. Writes bench/results/distill.json and prints a table.
 
-Usage: ``python bench/distill.py [--quick] [--images 2048] [--epochs 4] [--workers 2]``.
+Usage: ``python bench/distill.py [--quick] [--images 2048] [--epochs 3] [--rounds 3] [--pair T:S]``.
 """
 
 from __future__ import annotations
@@ -117,7 +118,6 @@ def time_run(
             round(1e3 * r["seconds"] / (args.images // args.batch_size), 1) for r in records
         ],
         "wall_s": round(wall, 2),
-        "batch_ms": data_path_ms(work, method, source, args),
     }
 
 
@@ -155,6 +155,11 @@ def data_path_ms(work: Path, method: str, source: str, args: argparse.Namespace)
 
 
 def bench_pair(teacher: str, student: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """One cache, then ``args.rounds`` rounds of every run in RUNS, the order rotated each round.
+
+    This machine's speed drifts by 10-20 % over minutes, so one run per method compares different
+    machine states; every overhead here is the median over rounds of a ratio *within* a round.
+    """
     work = root / f"{teacher}-{student}"
     work.mkdir()
     export_teacher(teacher, work / "teacher.onnx")
@@ -172,24 +177,48 @@ def bench_pair(teacher: str, student: str, args: argparse.Namespace, root: Path)
         log=lambda m: None,
     )
     cache_s = time.perf_counter() - t0
-    runs = {}
+    rounds: list[dict[str, dict[str, Any]]] = []
+    for r in range(args.rounds):
+        order = RUNS[r % len(RUNS) :] + RUNS[: r % len(RUNS)]
+        this: dict[str, dict[str, Any]] = {}
+        for name, method, source in order:
+            tag = name.replace(" ", "-").replace("+", "_") + f"-round{r + 1}"
+            this[name] = time_run(work, tag, student, method, source, args)
+            print(f"  round {r + 1} {teacher} -> {student}: {name:<14} {this[name]['step_ms']:8.1f} ms/step",
+                  flush=True)  # fmt: skip
+        rounds.append(this)
+
+    def paired(name: str, base: str = "ce") -> float:
+        return statistics.median(rd[name]["step_ms"] / rd[base]["step_ms"] for rd in rounds)
+
+    runs: dict[str, dict[str, Any]] = {}
     for name, method, source in RUNS:
-        runs[name] = time_run(work, name.replace(" ", "-").replace("+", "_"), student, method, source, args)
-        print(f"  {teacher} -> {student}: {name:<14} {runs[name]['step_ms']:8.1f} ms/step", flush=True)
-    ce = runs["ce"]["step_ms"]
-    online = runs["online AT"]["step_ms"]
-    for r in runs.values():
-        r["overhead_vs_ce"] = r["step_ms"] / ce - 1
-    # ideal speed-up of caching = online / CE (a free teacher); achieved = online / cached AT
-    at = runs["cached AT"]["step_ms"]
+        per_round = [rd[name] for rd in rounds]
+        runs[name] = {
+            "method": method,
+            "source": source,
+            "step_ms": statistics.median(x["step_ms"] for x in per_round),
+            "step_ms_per_round": [round(x["step_ms"], 1) for x in per_round],
+            "overhead_vs_ce": paired(name) - 1,
+            "overhead_vs_ce_per_round": [
+                round(rd[name]["step_ms"] / rd["ce"]["step_ms"] - 1, 4) for rd in rounds
+            ],
+            "batch_ms": data_path_ms(work, method, source, args),
+        }
+    ideal = paired("online AT")  # online / CE: the speed-up of a free teacher
+    achieved = statistics.median(rd["online AT"]["step_ms"] / rd["cached AT"]["step_ms"] for rd in rounds)
     return {
         "teacher": teacher,
         "student": student,
         "cache_seconds": round(cache_s, 2),
+        "rounds": args.rounds,
         "runs": runs,
-        "speedup_cached_at_over_online": online / at,
-        "ideal_speedup": online / ce,
-        "fraction_of_ideal": (online / at) / (online / ce),  # = CE step / cached AT step
+        "speedup_cached_at_over_online": achieved,
+        "ideal_speedup": ideal,
+        "fraction_of_ideal": achieved / ideal,
+        "fraction_of_ideal_per_round": [
+            round(rd["ce"]["step_ms"] / rd["cached AT"]["step_ms"], 4) for rd in rounds
+        ],
     }
 
 
@@ -197,7 +226,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke mode: few images, 2 epochs")
     parser.add_argument("--images", type=int, default=2048)
-    parser.add_argument("--epochs", type=int, default=4, help="epochs per run; the first is a warm-up")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per run; the first is a warm-up")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of all runs")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the cached runs")
     parser.add_argument("--threads", type=int, default=None, help="torch/onnxruntime threads")
@@ -207,7 +237,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.quick:
-        args.images, args.epochs = 512, 2
+        args.images, args.epochs, args.rounds = 512, 2, 1
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="kdpipe-bench-distill-") as tmp:
         chosen = [(t, s) for t, s in PAIRS if not args.pair or f"{t}:{s}" in args.pair]

@@ -184,8 +184,10 @@ def cache_teacher(job: CacheJob, log: Any = print) -> dict[str, Any]:
     from kdpipe import cache as cache_mod
     from kdpipe.data import load_dataset
     from kdpipe.distributed import discover_shard
+    from kdpipe.memory import keep_freed_memory
     from kdpipe.teacher import TeacherRunner, load_teacher, resolve_taps, spec_for
 
+    keep_freed_memory()
     unknown = set(job.targets) - set(ALL_TARGETS)
     if unknown or not job.targets:
         raise KdpipeError(f"--targets {','.join(job.targets)}: choose from {','.join(ALL_TARGETS)}")

@@ -310,8 +310,10 @@ def distill(cfg: DistillConfig, log: Any = print) -> dict[str, Any]:
     from kdpipe.data import load_dataset
     from kdpipe.data.preprocess import Normalize
     from kdpipe.losses import parse_method
+    from kdpipe.memory import keep_freed_memory
     from kdpipe.student import StudentTaps, create_model
 
+    keep_freed_memory()
     world = discover_world()
     if world.distributed and not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"

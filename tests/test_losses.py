@@ -75,6 +75,22 @@ def test_at_pools_student_map_by_area() -> None:
     assert got.item() == pytest.approx(ref, rel=RTOL)
 
 
+def test_channel_energy_gradient_matches_the_formula() -> None:
+    """The hand-written backward of mean_c(F**2): dL/dF = 2/C * F * dL/dE, computed here in float64."""
+    from kdpipe.losses.common import channel_energy
+
+    f = rng.standard_normal((3, 5, 8, 8)).astype(np.float32)
+    g = rng.standard_normal((3, 4, 4))  # upstream gradient of the area-pooled (4x4) map
+    ft = torch.tensor(f, requires_grad=True)
+    (channel_energy(ft, (4, 4)) * torch.tensor(g, dtype=torch.float32)).sum().backward()
+    up = np.repeat(np.repeat(g, 2, axis=1), 2, axis=2) / 4.0  # area-pool backward: each input gets 1/4
+    ref = 2.0 / f.shape[1] * f.astype(np.float64) * up[:, None]
+    assert ft.grad is not None
+    np.testing.assert_allclose(ft.grad.numpy(), ref, rtol=1e-5, atol=1e-7)
+    energy = channel_energy(torch.tensor(f)).numpy()
+    np.testing.assert_allclose(energy, (f.astype(np.float64) ** 2).mean(axis=1), rtol=RTOL)
+
+
 @pytest.mark.parametrize("variant", ["dft-abs", "dft", "dct2"])
 def test_dct_transform_and_loss_match_numpy(variant: str) -> None:
     a = rng.random(size=(4, 6, 6))
