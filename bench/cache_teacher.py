@@ -285,21 +285,19 @@ def main() -> None:
                 for key, fn in fns.items():
                     times[key] += timed(fn, 1, warmup=False)
             r: dict[str, Any] = {k: rate(args.images, t) for k, t in times.items()}
+            round_rates = {k: [args.images / t for t in ts] for k, ts in times.items()}
             for key, rates in steady.items():
                 rates = rates[1:]  # drop the warm-up call
+                round_rates[f"{key} steady"] = rates
                 r[f"{key} steady"] = {
                     "best_img_s": round(max(rates), 1),
                     "median_img_s": round(float(np.median(rates)), 1),
                 }
             base = r["plain"]["best_img_s"]
-            for val in r.values():
-                val["overhead_pct"] = round(100 * (base / val["best_img_s"] - 1), 1)
-            # the machine's speed drifts between rounds: the headline is the median of within-round ratios
-            plain_rates = [args.images / t for t in times["plain"]]
             for key, val in r.items():
-                rates = steady[key[: -len(" steady")]][1:] if key.endswith(" steady") else None
-                rates = rates or [args.images / t for t in times[key]]
-                per_round = [p / q - 1 for p, q in zip(plain_rates, rates, strict=True)]
+                val["overhead_pct"] = round(100 * (base / val["best_img_s"] - 1), 1)
+                # the machine's speed drifts between rounds: the headline is the median of within-round ratios
+                per_round = [p / q - 1 for p, q in zip(round_rates["plain"], round_rates[key], strict=True)]
                 val["overhead_paired_pct"] = round(100 * float(np.median(per_round)), 1)
                 val["overhead_per_round_pct"] = [round(100 * x, 1) for x in per_round]
             if args.profile:

@@ -101,7 +101,6 @@ def time_run(
     t0 = time.perf_counter()
     distill(cfg, log=lambda m: None)
     wall = time.perf_counter() - t0
-    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     steps = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines() if x.strip()]
     # per-step durations from the step log's "seconds since the epoch began"; epoch 1 = warm-up
     per_step = [
@@ -114,9 +113,6 @@ def time_run(
         "source": source,
         "step_ms": 1e3 * statistics.median(per_step),
         "step_ms_p25_p75": [round(1e3 * float(q), 1) for q in np.percentile(per_step, [25, 75])],
-        "epoch_ms_per_step": [
-            round(1e3 * r["seconds"] / (args.images // args.batch_size), 1) for r in records
-        ],
         "wall_s": round(wall, 2),
     }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -121,9 +122,12 @@ def run_ok(args: list[str], env: dict[str, str] | None = None) -> Any:
 
 
 @cache
-def cached(views: int = 2, dtype: str = "float32", targets: str = "logits,at,dct,pooled") -> str:
-    """A complete cache of teacher() over train_data()."""
-    out = _DIR / f"cache-v{views}-{dtype}-{targets.replace(',', '_')}"
+def cached(
+    views: int = 2, dtype: str = "float32", targets: str = "logits,at,dct,pooled", card: str | None = None
+) -> str:
+    """A complete cache of teacher() over train_data() (with the teacher card ``card``, if given)."""
+    tag = "" if card is None else "-card" + hashlib.sha256(card.encode()).hexdigest()[:12]
+    out = _DIR / f"cache-v{views}-{dtype}-{targets.replace(',', '_')}{tag}"
     run_ok(
         [
             "cache-teacher",
@@ -143,6 +147,7 @@ def cached(views: int = 2, dtype: str = "float32", targets: str = "logits,at,dct
             "--threads",
             "1",
             "--no-progress",
+            *(["--card", card] if card else []),
         ]
     )
     return str(out)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _distill import cached, distill_args, read_jsonl, run_ok, teacher, train_data
+from _distill import cached, distill_args, read_jsonl, run_ok, teacher
 
 STEPS = {"KDPIPE_LOG_STEPS": "1"}
 
@@ -66,28 +66,9 @@ def test_teacher_card_reaches_the_online_teacher(tmp_path: Path) -> None:
     # because both sides used the default preprocessing).
     card = tmp_path / "card.yaml"
     card.write_text("scale: 1/255\nmean: [0.5]\nstd: [0.25]\n")
-    cache = tmp_path / "cache"
-    run_ok(
-        [
-            "cache-teacher",
-            teacher(),
-            "--data",
-            train_data(),
-            "--out",
-            str(cache),
-            "--views",
-            "2",
-            "--dtype",
-            "float32",
-            "--card",
-            str(card),
-            "--threads",
-            "1",
-            "--no-progress",
-        ]
-    )
+    cache = cached(views=2, dtype="float32", card=str(card))
     common = ["--method", "at+kd", "--no-export", "--seed", "3"]
-    run_ok(distill_args(tmp_path / "c", *common, cache_path=str(cache), epochs=2), STEPS)
+    run_ok(distill_args(tmp_path / "c", *common, cache_path=cache, epochs=2), STEPS)
     run_ok(
         distill_args(
             tmp_path / "o",

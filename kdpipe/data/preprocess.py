@@ -124,14 +124,10 @@ class Normalize:
             order = [2, 1, 0] if (c_in == 3 and self.channel_order == "bgr") else list(range(c_in))
             src = [images[..., order[c] if c_in == 3 else 0] for c in range(self.channels)]
             lut = self._lut(np.arange(256, dtype=np.float32))
-        if self.layout == "NCHW":
-            out = np.empty((b, self.channels, h, w), np.float32)
-            for c in range(self.channels):
-                out[:, c] = lut[c][src[min(c, len(src) - 1)]]
-        else:
-            out = np.empty((b, h, w, self.channels), np.float32)
-            for c in range(self.channels):
-                out[..., c] = lut[c][src[min(c, len(src) - 1)]]
+        nchw = self.layout == "NCHW"
+        out = np.empty((b, self.channels, h, w) if nchw else (b, h, w, self.channels), np.float32)
+        for c in range(self.channels):
+            (out[:, c] if nchw else out[..., c])[...] = lut[c][src[c]]
         return out
 
     def _lut(self, values: np.ndarray) -> np.ndarray:
