@@ -78,6 +78,32 @@ int64_t convert(const py::array& x, py::array& out, int threads) {
   return Convert(src, dst, count, threads);
 }
 
+void normalize_u8(const py::array& images, const py::array& lut, const py::array& src_channel, bool nchw,
+                  py::array& out, int threads) {
+  if (!images.dtype().equal(py::dtype::of<uint8_t>())) throw py::value_error("normalize_u8: expected uint8 images");
+  if (images.ndim() != 4) throw py::value_error("normalize_u8: expected images (B,H,W,C)");
+  if (!lut.dtype().equal(py::dtype::of<float>()) || lut.ndim() != 2 || lut.shape(1) != 256)
+    throw py::value_error("normalize_u8: expected a float32 lookup table (C_out, 256)");
+  if (!src_channel.dtype().equal(py::dtype::of<int32_t>()) || src_channel.ndim() != 1 ||
+      src_channel.shape(0) != lut.shape(0))
+    throw py::value_error("normalize_u8: src_channel must be int32 with one entry per table row");
+  if (!out.dtype().equal(py::dtype::of<float>()) || !out.writeable())
+    throw py::value_error("normalize_u8: out must be a writeable float32 array");
+  for (const py::array* a : {&images, &lut, &src_channel, static_cast<const py::array*>(&out)})
+    require_c_contiguous(*a, "normalize_u8");
+  const int64_t b = images.shape(0), h = images.shape(1), w = images.shape(2), c_in = images.shape(3);
+  const int64_t c_out = lut.shape(0);
+  if (out.size() != b * h * w * c_out) throw py::value_error("normalize_u8: out has the wrong size");
+  const auto* ch = static_cast<const int32_t*>(src_channel.data());
+  for (int64_t c = 0; c < c_out; ++c)
+    if (ch[c] < 0 || ch[c] >= c_in) throw py::value_error("normalize_u8: src_channel out of range");
+  const auto* src = static_cast<const uint8_t*>(images.data());
+  const auto* table = static_cast<const float*>(lut.data());
+  auto* dst = static_cast<float*>(out.mutable_data());
+  py::gil_scoped_release release;
+  kdpipe::normalize_u8_cpu(src, b, h * w, c_in, table, ch, c_out, nchw, dst, threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
@@ -96,6 +122,10 @@ PYBIND11_MODULE(_native, m) {
         "float32 x -> out (float16 or uint16, same size), round to nearest even; returns #finite->inf");
   m.def("to_bfloat16", &convert<kdpipe::to_bfloat16_cpu>, py::arg("x"), py::arg("out"), py::arg("num_threads"),
         "float32 x -> out (uint16 bfloat16 bits), round to nearest even, NaN -> 0x7fc0; returns #finite->inf");
+  m.def("normalize_u8", &normalize_u8, py::arg("images"), py::arg("lut"), py::arg("src_channel"), py::arg("nchw"),
+        py::arg("out"), py::arg("num_threads"),
+        "uint8 images (B,H,W,C_in) -> out float32 (B,C_out,H,W) [nchw] or (B,H,W,C_out): "
+        "out[..c..] = lut[c, images[..src_channel[c]]]; all C-contiguous");
   m.def("openmp_max_threads", &kdpipe::openmp_max_threads, "OpenMP's default thread count (0 without OpenMP)");
   m.def("cuda_device_count", &kdpipe::cuda_device_count,
         "visible CUDA devices; 0 without a driver, a GPU or a CUDA build (never raises)");

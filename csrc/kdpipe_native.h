@@ -26,6 +26,11 @@ int64_t to_float16_cpu(const float* x, uint16_t* out, int64_t count, int threads
 int64_t to_bfloat16_cpu(const float* x, uint16_t* out, int64_t count, int threads);
 int openmp_max_threads();
 
+// ---- normalize.cpp: uint8 (B,H,W,c_in) -> float32 (B,c_out,H,W) when nchw, else (B,H,W,c_out):
+// out[.., c, p] = lut[c * 256 + images[.., p, src_channel[c]]] (hw = H*W pixels per image).
+void normalize_u8_cpu(const uint8_t* images, int64_t b, int64_t hw, int64_t c_in, const float* lut,
+                      const int32_t* src_channel, int64_t c_out, bool nchw, float* out, int threads);
+
 // ---- cuda/*.cu (or cuda_stub.cpp without a toolkit). Pointers are device addresses; stream is a
 // cudaStream_t. Errors (no driver, no GPU, launch failure) throw std::runtime_error.
 int cuda_device_count();  // 0 when there is no driver, no GPU or no CUDA build; never throws

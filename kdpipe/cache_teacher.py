@@ -9,8 +9,8 @@ prepared in a background thread while the teacher runs.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -211,36 +211,43 @@ def cache_teacher(job: CacheJob, log: Any = print) -> dict[str, Any]:
     shard = discover_shard(job.shard)
     writer = cache_mod.create_or_resume(job.out, manifest, shard=(shard.index, shard.count))
     pending = writer.pending_chunks()
-    total_items = sum(b - a for _, a, b in _chunks_in_order(writer, pending)) * manifest["num_views"]
+    order = list(_chunks_in_order(writer, pending))
+    total_items = sum(b - a for _, a, b in order) * manifest["num_views"]
 
     if not pending:
         writer.finish()  # also seals a shard whose chunks were all journaled before a crash
         log(f"cache {job.out} is already complete for shard {shard}; nothing to do")
         return _summary(job, manifest, shard, 0, 0.0, None, [])
     try:
-        runner = TeacherRunner(
-            graph,
-            taps,
-            spec,
-            targets=set(job.targets),
-            provider=job.provider,
-            threads=job.threads,
-            reduce=job.reduce,
-            dct_variants=job.dct_variants,
-            spinning=job.spinning,
-        )
-        log(
-            f"teacher {graph.path} on {', '.join(runner.providers)}; {len(taps)} tap(s): "
-            + ", ".join(f"{t.name} {tuple(t.shape)}" for t in taps)
-        )
-        if shard.count > 1:
-            log(f"shard {shard} ({shard.source}): {len(pending)} chunk(s) to do")
-        elif len(pending) < len(writer.chunks):
-            log(f"resuming: {len(pending)} of {len(writer.chunks)} chunk(s) left")
-        t0 = time.perf_counter()
-        correct, seen = _run_chunks(
-            job, writer, runner, manifest, pending, dataset, policy, spec, total_items
-        )
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdpipe-prep") as prep_pool:
+
+            def prepare(k: int) -> Any:
+                c, a, b = order[k]
+                views = manifest["num_views"]
+                return prep_pool.submit(_prepare, c, a, b, views, dataset, policy, spec, job.seed)
+
+            first = prepare(0)  # the first chunk's inputs are made while the session is created
+            runner = TeacherRunner(
+                graph,
+                taps,
+                spec,
+                targets=set(job.targets),
+                provider=job.provider,
+                threads=job.threads,
+                reduce=job.reduce,
+                dct_variants=job.dct_variants,
+                spinning=job.spinning,
+            )
+            log(
+                f"teacher {graph.path} on {', '.join(runner.providers)}; {len(taps)} tap(s): "
+                + ", ".join(f"{t.name} {tuple(t.shape)}" for t in taps)
+            )
+            if shard.count > 1:
+                log(f"shard {shard} ({shard.source}): {len(pending)} chunk(s) to do")
+            elif len(pending) < len(writer.chunks):
+                log(f"resuming: {len(pending)} of {len(writer.chunks)} chunk(s) left")
+            t0 = time.perf_counter()
+            correct, seen = _run_chunks(job, writer, runner, manifest, order, prepare, first, total_items)
         writer.finish()
     finally:
         writer.close()
@@ -261,7 +268,8 @@ def _store_and_write(writer: Any, manifest: dict, prep: _Prepared, out: dict[str
         if name in arrays:
             continue
         try:
-            stored = ops.to_storage(out[name], meta["dtype"])
+            # one thread: this runs beside the teacher, whose threads already use the cores
+            stored = ops.to_storage(out[name], meta["dtype"], threads=1)
         except OverflowError as e:
             raise KdpipeError(f"target {name}: {e} (use --dtype float32)") from None
         arrays[name] = stored.reshape(n, num_views, *meta["shape"])
@@ -273,13 +281,13 @@ def _run_chunks(
     writer: Any,
     runner: Any,
     manifest: dict,
-    pending: list[int],
-    dataset: Any,
-    policy: Any,
-    spec: Any,
+    order: list[tuple[int, int, int]],
+    prepare: Callable[[int], Future],
+    first: Future,
     total_items: int,
 ) -> tuple[int, int]:
-    """Run every pending chunk; returns (correct, seen).
+    """Run the chunks ``order`` (``prepare(k)`` submits the k-th one's inputs, ``first`` is chunk 0's);
+    returns (correct, seen).
 
     Three stages overlap: the next chunk's inputs are prepared in one background thread and the
     previous chunk is converted and written (with fsync) in another, while the teacher runs.
@@ -287,22 +295,13 @@ def _run_chunks(
     num_views = manifest["num_views"]
     correct = seen = 0
     bar = Progress(total_items, "cache", enabled=job.progress)
-    order = list(_chunks_in_order(writer, pending))
-    with (
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdpipe-prep") as prep_pool,
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdpipe-write") as write_pool,
-    ):
-
-        def submit(k: int) -> Any:
-            c, a, b = order[k]
-            return prep_pool.submit(_prepare, c, a, b, num_views, dataset, policy, spec, job.seed)
-
-        fut = submit(0) if order else None
-        writing: Any = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdpipe-write") as write_pool:
+        fut: Future | None = first
+        writing: Future | None = None
         for k in range(len(order)):
             assert fut is not None
             prep = fut.result()
-            fut = submit(k + 1) if k + 1 < len(order) else None
+            fut = prepare(k + 1) if k + 1 < len(order) else None
             out = _run_batches(runner, prep.inputs, job.batch_size)
             n = prep.stop - prep.start
             if "logits" in out:

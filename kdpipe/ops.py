@@ -8,6 +8,7 @@ float64 reference in tests. Shapes: activations are (N, C, H, W) with ``channel_
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Literal
 
 import numpy as np
@@ -36,15 +37,21 @@ def cuda_available() -> bool:
 
 
 def num_threads() -> int:
-    """Threads for the native ops: ``KDPIPE_NUM_THREADS``, else torch's setting, else all cores."""
+    """Threads for the native ops: ``KDPIPE_NUM_THREADS``, else torch's setting when torch is already
+    imported, else the CPUs this process may run on (``sched_getaffinity``: Slurm/cgroup bindings).
+
+    torch is never imported here: that alone costs a second and a few hundred MiB, which a
+    ``cache-teacher`` process (onnxruntime only) does not need.
+    """
     env = os.environ.get("KDPIPE_NUM_THREADS")
     if env:
         return max(1, int(env))
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "get_num_threads"):
+        return max(1, int(torch.get_num_threads()))
     try:
-        import torch
-
-        return max(1, torch.get_num_threads())
-    except ImportError:  # pragma: no cover
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - macOS has no sched_getaffinity
         return max(1, os.cpu_count() or 1)
 
 
@@ -191,23 +198,25 @@ def dct_targets(maps: np.ndarray, variant: str = "dft-abs") -> np.ndarray:
     return out
 
 
-def to_storage(x: np.ndarray, dtype: str) -> np.ndarray:
+def to_storage(x: np.ndarray, dtype: str, threads: int | None = None) -> np.ndarray:
     """float32 -> storage dtype, raising OverflowError instead of writing inf.
 
     Same shape as x; float16 as np.float16, bfloat16 as its uint16 bits, float32 as a copy.
-    Bit-identical to ``to_storage_numpy``.
+    Bit-identical to ``to_storage_numpy``. ``threads``: native threads (default ``num_threads()``;
+    1 for a background thread that should not compete with the teacher's threads).
     """
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"to_storage: unknown dtype {dtype!r}; choose one of {', '.join(STORAGE_DTYPES)}")
     if _native is None or dtype == "float32":
         return to_storage_numpy(x, dtype)
     x32 = np.ascontiguousarray(x, dtype=np.float32)
+    nt = num_threads() if threads is None else max(1, int(threads))
     if dtype == "float16":
         out = np.empty(x32.shape, dtype=np.float16)
-        overflow = _native.to_float16(x32, out, num_threads())
+        overflow = _native.to_float16(x32, out, nt)
     else:
         out = np.empty(x32.shape, dtype=np.uint16)
-        overflow = _native.to_bfloat16(x32, out, num_threads())
+        overflow = _native.to_bfloat16(x32, out, nt)
     if overflow:
         finite = np.abs(x32[np.isfinite(x32)])
         raise OverflowError(
@@ -216,6 +225,26 @@ def to_storage(x: np.ndarray, dtype: str) -> np.ndarray:
             + (" or bfloat16" if dtype == "float16" else "")
         )
     return out
+
+
+def normalize_u8(
+    images: np.ndarray, lut: np.ndarray, src_channel: list[int], nchw: bool, out: np.ndarray, threads: int = 1
+) -> None:
+    """Fill ``out`` (float32, (B,C_out,H,W) when ``nchw`` else (B,H,W,C_out)) from uint8 images (B,H,W,C_in):
+    ``out[.., c, ..] = lut[c, images[.., src_channel[c]]]``, with ``lut`` float32 (C_out, 256).
+
+    The native gather behind ``kdpipe.data.preprocess.Normalize``; requires the native module.
+    """
+    if _native is None:  # pragma: no cover - callers check native_available()
+        raise RuntimeError("normalize_u8 needs kdpipe._native")
+    _native.normalize_u8(
+        np.ascontiguousarray(images),
+        np.ascontiguousarray(lut, dtype=np.float32),
+        np.asarray(src_channel, dtype=np.int32),
+        bool(nchw),
+        out,
+        max(1, int(threads)),
+    )
 
 
 # ---- CUDA: torch tensors already on the GPU, reduced there (no copy of activations to the host) ----

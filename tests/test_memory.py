@@ -39,3 +39,32 @@ def test_freed_memory_is_reused_without_page_faults() -> None:
     applied_off, faults_off = _faults("0")
     assert applied_off == "False"
     assert faults_off > 10 * max(faults, 100)  # the default returns it to the OS: the check can fail
+
+
+ARENAS = """
+import ctypes, threading
+import numpy as np
+from kdpipe.memory import keep_freed_memory
+keep_freed_memory()
+def work():
+    global kept
+    kept = np.ones(1 << 20, dtype=np.float32)  # 4 MiB from this thread's arena
+t = threading.Thread(target=work)
+t.start(); t.join()
+ctypes.CDLL("libc.so.6").malloc_stats()  # glibc prints one block per arena to stderr
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_threads_share_the_main_arena() -> None:
+    """A second arena's heaps are unmapped when empty, whatever the thresholds: threads must not get one."""
+
+    def arenas(keep: str) -> int:
+        env = os.environ | {"KDPIPE_KEEP_FREED_MEMORY": keep}
+        err = subprocess.run(
+            [sys.executable, "-c", ARENAS], env=env, capture_output=True, text=True, check=True
+        ).stderr
+        return err.count("Arena ")
+
+    assert arenas("1") == 1
+    assert arenas("0") >= 2  # glibc's default gives the thread its own arena: the check can fail

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from kdpipe import ops
 from kdpipe.errors import KdpipeError
 
 if TYPE_CHECKING:
@@ -108,13 +109,18 @@ class Normalize:
                 f"Normalize: expected uint8 images (B,H,W,C) with C in (1,3), got shape {shape}"
             )
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (B,H,W,C) -> float32 (B,C,H,W) for layout NCHW, or (B,H,W,C') for NHWC."""
+    def __call__(self, images: np.ndarray, threads: int = 1) -> np.ndarray:
+        """uint8 (B,H,W,C) -> float32 (B,C,H,W) for layout NCHW, or (B,H,W,C') for NHWC.
+
+        ``threads``: native threads (default 1: this runs beside the teacher, in a background thread).
+        """
         images = np.asarray(images)
         if images.dtype != np.uint8:
             raise KdpipeError(f"Normalize: expected uint8 images, got {images.dtype}")
         self._check_input(images.shape)
         b, h, w, c_in = images.shape
+        nchw = self.layout == "NCHW"
+        out = np.empty((b, self.channels, h, w) if nchw else (b, h, w, self.channels), np.float32)
         # uint8 input has 256 values per channel: a per-output-channel lookup table, computed with the
         # same float32 operations as the formula, gives identical bits in one pass and no temporaries.
         if c_in == 3 and self.channels == 1:
@@ -122,10 +128,12 @@ class Normalize:
             lut = self._lut(np.arange(766, dtype=np.float32) / np.float32(3.0))
         else:
             order = [2, 1, 0] if (c_in == 3 and self.channel_order == "bgr") else list(range(c_in))
-            src = [images[..., order[c] if c_in == 3 else 0] for c in range(self.channels)]
+            which = [order[c] if c_in == 3 else 0 for c in range(self.channels)]
             lut = self._lut(np.arange(256, dtype=np.float32))
-        nchw = self.layout == "NCHW"
-        out = np.empty((b, self.channels, h, w) if nchw else (b, h, w, self.channels), np.float32)
+            if ops.native_available():  # the same gather in one fused pass (~8x faster)
+                ops.normalize_u8(images, lut, which, nchw, out, threads)
+                return out
+            src = [images[..., k] for k in which]
         for c in range(self.channels):
             (out[:, c] if nchw else out[..., c])[...] = lut[c][src[c]]
         return out

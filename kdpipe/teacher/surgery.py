@@ -6,6 +6,9 @@ For a tap F with channel axis c and spatial axes s (NCHW: c=1, s=(2,3); NHWC: c=
     at     = Div(a, Max(ReduceL2(a, axes=[1, 2], keepdims=1), 1e-12))
     pooled = ReduceMean(F, axes=s, keepdims=0)                    (B, C)
 
+For NCHW taps of static shape the same values come from ops that suit onnxruntime's blocked conv
+layout: ``a`` from F reshaped to (B, C, H*W), ``pooled`` from Flatten(GlobalAveragePool(F)).
+
 computed in float32 (a float16 tap is cast first). Reduce ops take ``axes`` as an input from opset 18
 (ReduceSum from 13) and as an attribute before; the builder follows the model's opset.
 
@@ -96,15 +99,28 @@ def append_reductions(
         f = tap.name
         if elem_types.get(f, TensorProto.FLOAT) != TensorProto.FLOAT:
             f = b.node("Cast", [f], f"t{i}_f32", to=TensorProto.FLOAT)
-        if want_at:
+        c, h, w = tap.shape
+        blocked = tap.channel_axis == 1 and all(isinstance(d, int) and d > 0 for d in (c, h, w))
+        if want_at and blocked:
+            # onnxruntime's CPU convs keep NCHW maps in a blocked layout (NCHWc) and convert a tensor
+            # back before any op that cannot read it: reshaping F first makes that one conversion of F
+            # (instead of one of F*F and one of F for the pooled mean).
+            flat = b.node("Reshape", [f, b.const(np.asarray([0, c, h * w], np.int64), "shape")], f"t{i}_flat")
+            sq = b.node("Mul", [flat, flat], f"t{i}_sq")
+            a = b.reduce("ReduceMean", sq, [1], 0, f"t{i}_chmean")
+            a = b.node("Reshape", [a, b.const(np.asarray([0, h, w], np.int64), "shape")], f"t{i}_map")
+        elif want_at:
             sq = b.node("Mul", [f, f], f"t{i}_sq")
             a = b.reduce("ReduceMean", sq, [tap.channel_axis], 0, f"t{i}_chmean")
+        if want_at:
             norm = b.reduce("ReduceL2", a, [1, 2], 1, f"t{i}_norm")
             den = b.node("Max", [norm, eps], f"t{i}_den")
             outputs[f"at.{i}"] = b.node("Div", [a, den], f"t{i}_at")
-        if want_pooled:
-            spatial = [2, 3] if tap.channel_axis == 1 else [1, 2]
-            outputs[f"pooled.{i}"] = b.reduce("ReduceMean", f, spatial, 0, f"t{i}_pooled")
+        if want_pooled and tap.channel_axis == 1:  # GlobalAveragePool reads the blocked layout directly
+            gap = b.node("GlobalAveragePool", [f], f"t{i}_gap")
+            outputs[f"pooled.{i}"] = b.node("Flatten", [gap], f"t{i}_pooled", axis=1)
+        elif want_pooled:
+            outputs[f"pooled.{i}"] = b.reduce("ReduceMean", f, [1, 2], 0, f"t{i}_pooled")
     if dct_variants:
         for i, tap in enumerate(taps):
             _, h, w = tap.shape
