@@ -11,9 +11,10 @@ images per second, with the same batch and onnxruntime threads:
   file: load the teacher, read the images, make the views, preprocess, run, convert to the storage
   dtypes, write the journaled cache to disk (nothing subtracted; a fresh cache folder each repeat).
 
-The paths run in ``--repeats`` interleaved rounds. Two overheads relative to ``plain``: *best/best*
-(best rate of each path) and *paired*, the median over rounds of the ratio within a round (the headline:
-this machine's speed drifts by 10-20 % over minutes, and a ratio within a round cancels that). With
+The paths run in ``--repeats`` interleaved rounds, in an order rotated by one each round. Two
+overheads relative to ``plain``: *best/best* (best rate of each path) and *paired*, the median (and
+quartiles) over rounds of the ratio within a round (the headline: this machine's speed drifts by
+10-20 % over minutes, and a ratio within a round cancels most of that). With
 ``--profile`` the end-to-end run is also broken down by stage (time inside each stage, summed over
 chunks; the view preparation runs in a background thread, so stages overlap).
 
@@ -239,7 +240,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: few images, one repeat")
     parser.add_argument("--images", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--chunk", type=int, default=1024, help="cache-teacher --chunk-size (samples)")
@@ -281,9 +282,10 @@ def main() -> None:
             times: dict[str, list[float]] = {k: [] for k in fns}
             for fn in fns.values():
                 fn()  # warm-up
-            for _ in range(args.repeats):  # interleaved rounds: load changes hit every path alike
-                for key, fn in fns.items():
-                    times[key] += timed(fn, 1, warmup=False)
+            keys = list(fns)
+            for r in range(args.repeats):  # interleaved rounds: load changes hit every path alike
+                for key in keys[r % len(keys) :] + keys[: r % len(keys)]:  # rotated: no path always first
+                    times[key] += timed(fns[key], 1, warmup=False)
             r: dict[str, Any] = {k: rate(args.images, t) for k, t in times.items()}
             round_rates = {k: [args.images / t for t in ts] for k, ts in times.items()}
             for key, rates in steady.items():
@@ -299,6 +301,8 @@ def main() -> None:
                 # the machine's speed drifts between rounds: the headline is the median of within-round ratios
                 per_round = [p / q - 1 for p, q in zip(round_rates["plain"], round_rates[key], strict=True)]
                 val["overhead_paired_pct"] = round(100 * float(np.median(per_round)), 1)
+                iqr = np.quantile(per_round, [0.25, 0.75])
+                val["overhead_paired_iqr_pct"] = [round(100 * float(q), 1) for q in iqr]
                 val["overhead_per_round_pct"] = [round(100 * x, 1) for x in per_round]
             if args.profile:
                 r["profile"] = {
@@ -340,7 +344,10 @@ def print_table(result: dict[str, Any]) -> None:
         f"chunk {result['chunk_size']}, best of {result['repeats']}; load average before "
         f"{result['loadavg_before']}, after {result['loadavg_after']}"
     )
-    print(f"{'teacher':<11}{'path':<21}{'best img/s':>11}{'median img/s':>14}{'best/best':>10}{'paired':>9}")
+    print(
+        f"{'teacher':<11}{'path':<21}{'best img/s':>11}{'median img/s':>14}{'best/best':>10}{'paired':>9}"
+        f"{'paired IQR':>18}"
+    )
     for name, r in result["results"].items():
         for key, val in r.items():
             if key == "profile":
@@ -348,6 +355,7 @@ def print_table(result: dict[str, Any]) -> None:
             print(
                 f"{TEACHERS.get(name, name):<11}{key:<21}{val['best_img_s']:>11.0f}"
                 f"{val['median_img_s']:>14.0f}{val['overhead_pct']:>9.1f}%{val['overhead_paired_pct']:>8.1f}%"
+                f"{'[{:+.1f}, {:+.1f}] %'.format(*val['overhead_paired_iqr_pct']):>18}"
             )
         for reduce, prof in r.get("profile", {}).items():
             parts = ", ".join(f"{k.strip()} {v:.2f}" for k, v in prof.items())

@@ -215,12 +215,12 @@ def test_cli_process_wrn_dynamo_views(data, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("name", "exporter", "views", "reduce", "dtype"),
-    [
-        ("resnet", "legacy", 0, "graph", "float16"),
-        ("nhwc", "legacy", 3, "native", "float32"),
-        ("nhwc", "legacy", 0, "graph", "float16"),
-        ("resnet", "legacy", 3, "native", "float16"),
+    ("name", "exporter", "views", "reduce", "dtype", "chunk"),
+    [  # chunks of 24 / 10 samples: several chunks, a short last one, the input blocks reused
+        ("resnet", "legacy", 0, "graph", "float16", 24),
+        ("nhwc", "legacy", 3, "native", "float32", 0),
+        ("nhwc", "legacy", 0, "graph", "float16", 0),
+        ("resnet", "legacy", 3, "native", "float16", 10),
     ],
     ids=[
         "resnet-legacy-plain-graph",
@@ -229,7 +229,7 @@ def test_cli_process_wrn_dynamo_views(data, tmp_path):
         "resnet-views-native",
     ],
 )
-def test_cli_runner_targets(data, tmp_path, name, exporter, views, reduce, dtype):
+def test_cli_runner_targets(data, tmp_path, name, exporter, views, reduce, dtype, chunk):
     out = tmp_path / "cache"
     r = CliRunner().invoke(
         cli,
@@ -252,12 +252,15 @@ def test_cli_runner_targets(data, tmp_path, name, exporter, views, reduce, dtype
             ",".join(VARIANTS),
             "--threads",
             "1",
+            "--chunk-size",
+            str(chunk),
             "--no-progress",
         ],
     )
     assert r.exit_code == 0, r.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["arrays"]["at.0"]["dtype"] == dtype
+    assert manifest["chunk_size"] == (chunk or 4096 // max(views, 1))
     assert [t["layout"] for t in manifest["taps"]] == (["NCHW", "NHWC"] if name == "nhwc" else ["NCHW"] * 3)
     _check_cache(out, name, data, views=views)
 

@@ -81,3 +81,14 @@ def test_threads_and_strided_input_identical_to_torch(cfg, threads):
     a = norm(x, threads=threads)
     b = norm.normalize_torch(torch.from_numpy(np.ascontiguousarray(x))).numpy()
     assert a.tobytes() == b.tobytes()
+
+
+def test_out_buffer_is_filled_and_checked():
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 256, (4, 6, 5, 3), dtype=np.uint8)
+    norm = Normalize(**CONFIGS[0])
+    out = np.full((4, 3, 6, 5), np.nan, np.float32)
+    assert norm(x, out=out) is out
+    assert out.tobytes() == norm(x).tobytes()
+    with pytest.raises(ValueError, match="out must be"):
+        norm(x, out=np.empty((4, 6, 5, 3), np.float32))  # NHWC shape for an NCHW normalisation

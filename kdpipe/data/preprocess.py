@@ -109,10 +109,12 @@ class Normalize:
                 f"Normalize: expected uint8 images (B,H,W,C) with C in (1,3), got shape {shape}"
             )
 
-    def __call__(self, images: np.ndarray, threads: int = 1) -> np.ndarray:
+    def __call__(self, images: np.ndarray, threads: int = 1, out: np.ndarray | None = None) -> np.ndarray:
         """uint8 (B,H,W,C) -> float32 (B,C,H,W) for layout NCHW, or (B,H,W,C') for NHWC.
 
         ``threads``: native threads (default 1: this runs beside the teacher, in a background thread).
+        ``out``: a C-contiguous float32 array of the output shape to fill and return (reused buffers
+        spare a long-running loop the page faults of a fresh block).
         """
         images = np.asarray(images)
         if images.dtype != np.uint8:
@@ -120,7 +122,12 @@ class Normalize:
         self._check_input(images.shape)
         b, h, w, c_in = images.shape
         nchw = self.layout == "NCHW"
-        out = np.empty((b, self.channels, h, w) if nchw else (b, h, w, self.channels), np.float32)
+        shape = (b, self.channels, h, w) if nchw else (b, h, w, self.channels)
+        if out is None:
+            out = np.empty(shape, np.float32)
+        elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+            got = f"{out.dtype} {out.shape}"
+            raise ValueError(f"Normalize: out must be C-contiguous float32 {shape}, got {got}")
         # uint8 input has 256 values per channel: a per-output-channel lookup table, computed with the
         # same float32 operations as the formula, gives identical bits in one pass and no temporaries.
         if c_in == 3 and self.channels == 1:

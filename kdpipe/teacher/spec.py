@@ -52,18 +52,21 @@ class TeacherSpec:
         """ "NCHW" or "NHWC": the layout of the model input this spec produces."""
         return self.normalize.layout
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (B, H, W, C) images of ``size`` -> float32 model input (B,C,H,W) or (B,H,W,C)."""
+    def __call__(self, images: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """uint8 (B, H, W, C) images of ``size`` -> float32 model input (B,C,H,W) or (B,H,W,C).
+
+        ``out``: optional C-contiguous float32 array of that shape to fill (see ``Normalize``).
+        """
         if tuple(images.shape[1:3]) != self.size:
             raise KdpipeError(
                 f"teacher input: images are {tuple(images.shape[1:3])} pixels but the teacher expects "
                 f"{self.size}; set the view size to the teacher's input size"
             )
-        return self.normalize(images)
+        return self.normalize(images, out=out)
 
-    def preprocess(self, images: np.ndarray) -> np.ndarray:
+    def preprocess(self, images: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Same as calling the spec: uint8 (B, H, W, C) -> float32 model input."""
-        return self(images)
+        return self(images, out=out)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form for the cache manifest."""
