@@ -136,7 +136,7 @@ def runner_fn(path: str, xf: np.ndarray, batch: int, threads: int, reduce: str) 
 
 
 def cache_job(
-    path: str, npz: str, out: Path, batch: int, threads: int, reduce: str, chunk: int, spinning: bool = False
+    path: str, npz: str, out: Path, batch: int, threads: int, reduce: str, chunk: int, spinning: bool = True
 ) -> Any:
     """The CacheJob every cache-teacher path of this benchmark runs (CPU, no progress bar)."""
     from kdpipe.cache_teacher import CacheJob
@@ -164,7 +164,7 @@ def cache_fn(
     reduce: str,
     chunk: int,
     steady: list[float],
-    spinning: bool = False,
+    spinning: bool = True,
 ) -> Callable[[], None]:
     """End-to-end cache-teacher; also appends the run's steady-state img/s (first chunk to last
     journaled write, i.e. without the one-time teacher load and session creation) to ``steady``."""
@@ -247,7 +247,9 @@ def main() -> None:
     parser.add_argument("--teachers", default=",".join(TEACHERS))
     parser.add_argument("--profile", action="store_true", help="also break the end-to-end run down")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--spinning", action="store_true", help="onnxruntime threads spin (default off)")
+    parser.add_argument(
+        "--no-spinning", dest="spinning", action="store_false", help="cache-teacher threads sleep"
+    )
     args = parser.parse_args()
     if args.quick:
         args.images, args.repeats, args.chunk = 512, 1, 256

@@ -50,8 +50,9 @@ class CacheJob:
     card: str | None = None
     spec_overrides: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
-    # onnxruntime's idle threads spin by default; off, they leave the cores to the prep/write threads
-    spinning: bool = False
+    # onnxruntime's threads spin between operators (its default): the job runs one session and trains
+    # nothing, and its preparation and write threads need little CPU (docs/benchmarks.md)
+    spinning: bool = True
 
 
 def view_policy_for(job: CacheJob, size: tuple[int, int], image_side: int) -> Any:

@@ -117,7 +117,15 @@ def inspect(teacher: str) -> None:
 @click.option("--batch-size", default=256, show_default=True)
 @click.option("--chunk-size", default=0, help="Samples per journaled chunk (default: ~4096 items).")
 @click.option("--provider", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores).")
+@click.option(
+    "--threads", type=int, default=None, help="onnxruntime intra-op threads (default: CPUs this job may use)."
+)
+@click.option(
+    "--spin/--no-spin",
+    default=True,
+    show_default=True,
+    help="onnxruntime threads spin between operators (fastest alone on the CPUs; --no-spin on shared ones).",
+)
 @click.option(
     "--reduce",
     default="graph",
@@ -164,6 +172,7 @@ def cache_teacher_cmd(
     chunk_size: int,
     provider: str,
     threads: int | None,
+    spin: bool,
     reduce: str,
     map_dtype: str,
     vec_dtype: str,
@@ -206,6 +215,7 @@ def cache_teacher_cmd(
         chunk_size=chunk_size,
         provider=provider,
         threads=threads,
+        spinning=spin,
         reduce=reduce,
         map_dtype=map_dtype,
         vec_dtype=vec_dtype,

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import _models as M
 import numpy as np
 import onnxruntime as ort
@@ -93,3 +98,23 @@ def test_bad_arguments():
     runner = TeacherRunner(graph, [], None, {"logits"}, provider="cpu")
     with pytest.raises(KdpipeError, match="shape"):
         runner.run(np.zeros((2, 3, 9, 9), np.float32))
+
+
+AFFINITY = """
+import os, sys
+sys.path.insert(0, {tests!r})
+import _models as M
+from kdpipe.teacher import TeacherRunner, load_teacher
+os.sched_setaffinity(0, {{min(os.sched_getaffinity(0))}})  # as if Slurm gave this job one CPU
+runner = TeacherRunner(load_teacher({path!r}), [], None, {{"logits"}}, provider="cpu")
+print(runner.session.get_session_options().intra_op_num_threads)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux CPU affinity")
+def test_default_threads_follow_the_cpu_binding():
+    """Without --threads the session gets as many threads as CPUs the process is bound to."""
+    path = M.export("resnet", "legacy", True)
+    code = AFFINITY.format(tests=str(Path(__file__).parent), path=path)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split()[-1] == "1"
