@@ -11,10 +11,12 @@ images per second, with the same batch and onnxruntime threads:
   file: load the teacher, read the images, make the views, preprocess, run, convert to the storage
   dtypes, write the journaled cache to disk (nothing subtracted; a fresh cache folder each repeat).
 
-The paths run in ``--repeats`` interleaved rounds, in an order rotated by one each round. Two
-overheads relative to ``plain``: *best/best* (best rate of each path) and *paired*, the median (and
-quartiles) over rounds of the ratio within a round (the headline: this machine's speed drifts by
-10-20 % over minutes, and a ratio within a round cancels most of that). With
+Each of ``--repeats`` rounds runs plain, then every other path (in an order rotated by one each
+round) followed by plain again (plain on half the images). Two overheads relative to ``plain``:
+*best/best* (best rate of each path vs the best plain rate) and *paired*, the median (and quartiles)
+over rounds of a path's rate against the mean rate of the two plain runs around it (the headline:
+this machine's speed drifts by 10-20 % over minutes, which the neighbours cancel to first order).
+``cache-* steady`` counts from the start of the second chunk's teacher run to the end of the job. With
 ``--profile`` the end-to-end run is also broken down by stage (time inside each stage, summed over
 chunks; the view preparation runs in a background thread, so stages overlap).
 
@@ -166,20 +168,35 @@ def cache_fn(
     steady: list[float],
     spinning: bool = True,
 ) -> Callable[[], None]:
-    """End-to-end cache-teacher; also appends the run's steady-state img/s (first chunk to last
-    journaled write, i.e. without the one-time teacher load and session creation) to ``steady``."""
-    from kdpipe.cache_teacher import cache_teacher
+    """End-to-end cache-teacher; also appends the run's steady-state img/s to ``steady``: the images
+    after the first chunk over the time from the start of the second chunk's teacher run to the end of
+    the job (the last journaled write). That leaves out the one-time work (teacher load, graph surgery,
+    session creation, the first chunk's preparation and the first batches' memory warm-up), which a
+    real job pays once, as plain inference with a warm session does not pay it here at all."""
+    import kdpipe.cache_teacher as ct
 
     n = int(np.load(npz)["y"].shape[0])
 
     def run() -> None:
         out = folder / f"cache-{reduce}"
         shutil.rmtree(out, ignore_errors=True)
-        s = cache_teacher(
-            cache_job(path, npz, out, batch, threads, reduce, chunk, spinning), log=lambda _m: None
-        )
-        assert s["complete"] and s["items_done"] == n
-        steady.append(float(s["items_per_s"]))
+        starts: list[float] = []
+        run_batches = ct._run_batches
+
+        def timed_run_batches(*a: Any, **k: Any) -> Any:
+            starts.append(time.perf_counter())
+            return run_batches(*a, **k)
+
+        ct._run_batches = timed_run_batches
+        try:
+            s = ct.cache_teacher(
+                cache_job(path, npz, out, batch, threads, reduce, chunk, spinning), log=lambda _m: None
+            )
+            end = time.perf_counter()
+        finally:
+            ct._run_batches = run_batches
+        assert s["complete"] and s["items_done"] == n and len(starts) >= 2
+        steady.append((n - min(chunk, n)) / (end - starts[1]))
 
     return run
 
@@ -220,6 +237,69 @@ def stage_timers() -> Iterator[dict[str, float]]:
     finally:
         for owner, attr, orig in reversed(patched):
             setattr(owner, attr, orig)
+
+
+def graph_cost(path: str, xf: np.ndarray, batch: int, threads: int, runs: int = 10) -> dict[str, Any]:
+    """Kernel time of the nodes ``--reduce graph`` adds, from onnxruntime's own profiler.
+
+    The teacher with all targets appended runs ``runs`` batches (after 2 warm-up batches) with
+    profiling on; the added nodes (names starting with ``kdpipe__``) plus the layout conversions
+    (``ReorderOutput``) beyond those of the plain teacher are summed and divided by the kernel time of
+    all nodes in the same runs. A ratio within the same runs does not drift with the machine's speed.
+    """
+    import json as json_mod
+
+    import onnxruntime as ort
+
+    from kdpipe.teacher import auto_taps, load_teacher
+    from kdpipe.teacher.surgery import append_reductions
+
+    def kernel_ms(model_bytes: bytes, names: list[str] | None, prefix: str) -> dict[str, float]:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.log_severity_level = 3
+        so.enable_profiling = True
+        so.profile_file_prefix = str(Path(tempfile.gettempdir()) / f"kdpipe-bench-{prefix}")
+        sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+        feed = {sess.get_inputs()[0].name: xf[:batch]}
+        for _ in range(runs + 2):
+            sess.run(names, feed)
+        prof = Path(sess.end_profiling())
+        events = json_mod.loads(prof.read_text())
+        prof.unlink()
+        per_node: dict[str, list[float]] = {}
+        ops: dict[str, str] = {}
+        for e in events:
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                node = e["name"][: -len("_kernel_time")]
+                per_node.setdefault(node, []).append(e["dur"] / 1000)
+                ops[node] = e["args"].get("op_name", "")
+        out = {"all": 0.0, "added": 0.0, "reorder": 0.0}
+        for node, durs in per_node.items():
+            ms = sum(durs[-runs:]) / runs  # the warm-up batches left out
+            out["all"] += ms
+            if node.startswith("kdpipe__"):
+                out["added"] += ms
+            elif ops[node] == "ReorderOutput":
+                out["reorder"] += ms
+        return out
+
+    graph = load_teacher(path)
+    # the model TeacherRunner runs for all targets (dct: dft-abs) with --reduce graph
+    model, outputs = append_reductions(
+        graph.model, graph.opset, auto_taps(graph), graph.elem_types, True, True, ("dft-abs",)
+    )
+    plain = kernel_ms(graph.model.SerializeToString(), None, "plain")
+    with_targets = kernel_ms(model.SerializeToString(), [graph.logits_name, *outputs.values()], "graph")
+    extra = with_targets["added"] + with_targets["reorder"] - plain["reorder"]
+    return {
+        "batch": batch,
+        "kernel_ms_per_batch": round(with_targets["all"], 2),
+        "added_nodes_ms": round(with_targets["added"], 2),
+        "layout_conversions_ms": round(with_targets["reorder"], 2),
+        "plain_layout_conversions_ms": round(plain["reorder"], 2),
+        "targets_share_pct": round(100 * extra / with_targets["all"], 2),
+    }
 
 
 def profile_cache(
@@ -265,7 +345,9 @@ def main() -> None:
         npz, xf = make_data(args.images, folder)
         for name in args.teachers.split(","):
             path = export_teacher(name, folder)
-            fns = {"plain": plain_fn(path, xf, args.batch, args.threads)}
+            # plain runs twice as often as the others (around each of them), on half the images
+            plain_n = max(args.batch, args.images // 2 // args.batch * args.batch)
+            fns = {"plain": plain_fn(path, xf[:plain_n], args.batch, args.threads)}
             steady: dict[str, list[float]] = {}
             for reduce in ("graph", "native"):
                 fns[f"runner-{reduce}"] = runner_fn(path, xf, args.batch, args.threads, reduce)
@@ -281,18 +363,30 @@ def main() -> None:
                     steady[f"cache-{reduce}"],
                     spinning=args.spinning,
                 )
-            times: dict[str, list[float]] = {k: [] for k in fns}
             for fn in fns.values():
                 fn()  # warm-up
-            keys = list(fns)
-            for r in range(args.repeats):  # interleaved rounds: load changes hit every path alike
-                for key in keys[r % len(keys) :] + keys[: r % len(keys)]:  # rotated: no path always first
+            for key in steady:
+                steady[key].clear()
+            # Each round: plain, then every other path (rotated order) each followed by plain again; a
+            # path's overhead in a round is against the mean of the two plain runs around it, which
+            # cancels the machine's drift to first order (it drifts by 10-20 % over minutes).
+            others = [k for k in fns if k != "plain"]
+            times: dict[str, list[float]] = {k: [] for k in fns}
+            around: dict[str, list[float]] = {k: [] for k in others}  # plain rate around each run
+            for rnd in range(args.repeats):
+                before = plain_n / timed(fns["plain"], 1, warmup=False)[0]
+                times["plain"].append(args.images / before)  # as the time for all the images
+                for key in others[rnd % len(others) :] + others[: rnd % len(others)]:
                     times[key] += timed(fns[key], 1, warmup=False)
+                    after = plain_n / timed(fns["plain"], 1, warmup=False)[0]
+                    times["plain"].append(args.images / after)
+                    around[key].append((before + after) / 2)
+                    before = after
             r: dict[str, Any] = {k: rate(args.images, t) for k, t in times.items()}
             round_rates = {k: [args.images / t for t in ts] for k, ts in times.items()}
             for key, rates in steady.items():
-                rates = rates[1:]  # drop the warm-up call
                 round_rates[f"{key} steady"] = rates
+                around[f"{key} steady"] = around[key]
                 r[f"{key} steady"] = {
                     "best_img_s": round(max(rates), 1),
                     "median_img_s": round(float(np.median(rates)), 1),
@@ -300,12 +394,15 @@ def main() -> None:
             base = r["plain"]["best_img_s"]
             for key, val in r.items():
                 val["overhead_pct"] = round(100 * (base / val["best_img_s"] - 1), 1)
-                # the machine's speed drifts between rounds: the headline is the median of within-round ratios
-                per_round = [p / q - 1 for p, q in zip(round_rates["plain"], round_rates[key], strict=True)]
+                if key == "plain":
+                    val.update(overhead_paired_pct=0.0, overhead_paired_iqr_pct=[0.0, 0.0])
+                    continue
+                per_round = [p / q - 1 for p, q in zip(around[key], round_rates[key], strict=True)]
                 val["overhead_paired_pct"] = round(100 * float(np.median(per_round)), 1)
                 iqr = np.quantile(per_round, [0.25, 0.75])
                 val["overhead_paired_iqr_pct"] = [round(100 * float(q), 1) for q in iqr]
                 val["overhead_per_round_pct"] = [round(100 * x, 1) for x in per_round]
+            r["graph_cost"] = graph_cost(path, xf, args.batch, args.threads)
             if args.profile:
                 r["profile"] = {
                     reduce: profile_cache(path, npz, folder, args.batch, args.threads, reduce, args.chunk)
@@ -352,12 +449,24 @@ def print_table(result: dict[str, Any]) -> None:
     )
     for name, r in result["results"].items():
         for key, val in r.items():
-            if key == "profile":
+            if key in ("profile", "graph_cost"):
                 continue
             print(
                 f"{TEACHERS.get(name, name):<11}{key:<21}{val['best_img_s']:>11.0f}"
                 f"{val['median_img_s']:>14.0f}{val['overhead_pct']:>9.1f}%{val['overhead_paired_pct']:>8.1f}%"
                 f"{'[{:+.1f}, {:+.1f}] %'.format(*val['overhead_paired_iqr_pct']):>18}"
+            )
+        if "graph_cost" in r:
+            gc = r["graph_cost"]
+            added, conv, plain_conv = (
+                gc["added_nodes_ms"],
+                gc["layout_conversions_ms"],
+                gc["plain_layout_conversions_ms"],
+            )
+            print(
+                f"{TEACHERS.get(name, name):<11}--reduce graph: added nodes {added} ms + layout conversions "
+                f"{conv} ms (plain teacher: {plain_conv}) of {gc['kernel_ms_per_batch']} ms kernel time per "
+                f"batch = {gc['targets_share_pct']} %"
             )
         for reduce, prof in r.get("profile", {}).items():
             parts = ", ".join(f"{k.strip()} {v:.2f}" for k, v in prof.items())

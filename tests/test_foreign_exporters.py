@@ -1,10 +1,12 @@
-"""Teachers from real non-torch exporters: a Keras ResNet via tf2onnx, a Flax (nnx) ResNet via jax2onnx.
+"""Teachers from real non-torch exporters: a Keras ResNet via tf2onnx, a Flax (nnx) ResNet via jax2onnx,
+a PaddlePaddle ResNet via paddle2onnx.
 
 The ONNX files and the framework's own numbers live in ``tests/fixtures/`` (made by
-``tests/fixtures/make_foreign_teachers.py`` in a separate venv with TensorFlow / JAX; none is needed
-here). The models take NHWC float input ``uint8 / 255`` and have three residual stages, at 32x32,
-16x16 and 8x8 (a third, tiny Keras model: 4x4, 2x2, 1x1); each ``.npz`` holds 8 images, the
-framework's logits and its stage outputs (``act_i``, NHWC).
+``tests/fixtures/make_foreign_teachers.py`` in a separate venv with TensorFlow / JAX / Paddle; none is
+needed here). The Keras and Flax models take NHWC float input ``uint8 / 255``; the Paddle model takes
+NCHW float input ``(uint8 / 255 - mean) / std`` with ImageNet's mean and std. All have three residual
+stages, at 32x32, 16x16 and 8x8 (a fourth, tiny Keras model: 4x4, 2x2, 1x1); each ``.npz`` holds 8
+NHWC uint8 images, the framework's logits, its stage outputs (``act_i``, NHWC) and the preprocessing.
 
 What the exporters write differs from torch's graphs: tf2onnx puts one Transpose after the NHWC input
 and folds BN into the convs, so every tap is NCHW; jax2onnx keeps BatchNormalization nodes, leaves
@@ -12,6 +14,8 @@ the last stage NHWC between Transposes (so the auto taps mix layouts) and writes
 ``value_info`` on tensors it turned into NCHW, so plain onnxruntime refuses the file as written while
 kdpipe (which re-infers shapes) loads it. On 1x1 maps tf2onnx leaves shape-preserving Reshapes where
 it removed Transposes, so the residual Adds of the tiny model's 1x1 stage have a Reshape input.
+paddle2onnx keeps NCHW and the BatchNormalization nodes and writes an Identity between every
+residual Add and its ReLU (and before the logits output).
 
 Every cached target is compared with float64 references computed from the framework's activations,
 which also shows that ``--taps auto`` picked exactly the stage outputs (the ReLU after each stage's
@@ -37,11 +41,15 @@ from kdpipe.teacher.surgery import expose
 FIXTURES = Path(__file__).parent / "fixtures"
 BIG = [(8, 32, 32), (16, 16, 16), (32, 8, 8)]
 KERAS_NAMES = ("stage1_1_out", "stage2_1_out", "stage3_1_out")
-# name -> ((C, H, W) of each stage output, layout of each auto tap, a part of each tap's name or None)
+# the ReLU after each stage's last residual Add, as paddle2onnx names it (pd_op.relu.K: K-th ReLU)
+PADDLE_NAMES = ("p2o.pd_op.relu.4.0", "p2o.pd_op.relu.8.0", "p2o.pd_op.relu.12.0")
+# name -> (input layout, (C, H, W) of each stage output, layout of each auto tap,
+#          a part of each tap's name or None)
 TEACHERS = {
-    "keras_resnet_tf2onnx": (BIG, ("NCHW",) * 3, KERAS_NAMES),
-    "jax_resnet_jax2onnx": (BIG, ("NCHW", "NCHW", "NHWC"), None),
-    "keras_tiny1x1_tf2onnx": ([(4, 4, 4), (8, 2, 2), (8, 1, 1)], ("NCHW",) * 3, KERAS_NAMES),
+    "keras_resnet_tf2onnx": ("NHWC", BIG, ("NCHW",) * 3, KERAS_NAMES),
+    "jax_resnet_jax2onnx": ("NHWC", BIG, ("NCHW", "NCHW", "NHWC"), None),
+    "keras_tiny1x1_tf2onnx": ("NHWC", [(4, 4, 4), (8, 2, 2), (8, 1, 1)], ("NCHW",) * 3, KERAS_NAMES),
+    "paddle_resnet_paddle2onnx": ("NCHW", BIG, ("NCHW",) * 3, PADDLE_NAMES),
 }
 NUM_CLASSES = 10
 VARIANTS = M.DCT_VARIANTS
@@ -60,21 +68,26 @@ def _flags(ref: dict[str, np.ndarray]) -> list[str]:
     return ["--scale", repr(float(ref["scale"])), "--mean", mean, "--std", std]
 
 
-def _model_input(ref: dict[str, np.ndarray]) -> np.ndarray:
-    """The float32 NHWC input the framework saw (the generator's preprocessing, written again here)."""
-    assert float(ref["scale"]) == pytest.approx(1 / 255) and not ref["mean"].any() and (ref["std"] == 1).all()
-    return (ref["x"].astype(np.float64) / 255.0).astype(np.float32)
+def _model_input(ref: dict[str, np.ndarray], layout: str) -> np.ndarray:
+    """The float32 input the framework saw, in the model's layout: ``(x / 255 - mean) / std`` computed in
+    float64 and rounded once to float32 (the generator's preprocessing, written again here)."""
+    assert float(ref["scale"]) == pytest.approx(1 / 255)
+    assert ref["mean"].shape in ((1,), (3,)) and ref["std"].shape == ref["mean"].shape
+    x = (ref["x"].astype(np.float64) / 255.0 - ref["mean"].astype(np.float64)) / ref["std"].astype(np.float64)
+    x = x.astype(np.float32)  # NHWC, like the stored images
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if layout == "NCHW" else x
 
 
 @pytest.mark.parametrize("name", list(TEACHERS))
-def test_inspect_shows_nhwc_input_and_three_stage_taps(name):
+def test_inspect_shows_the_input_layout_and_three_stage_taps(name):
     path, ref = _fixture(name)
-    shapes, layouts, parts = TEACHERS[name]
+    layout, shapes, layouts, parts = TEACHERS[name]
     r = CliRunner().invoke(cli, ["inspect", path])
     assert r.exit_code == 0, r.output
     text = r.stdout
     size = ref["x"].shape[1]
-    assert re.search(rf"^input:\s+image\s+layout NHWC\s+shape \(batch, {size}, {size}, 3\)", text, re.M), text
+    shape = f"3, {size}, {size}" if layout == "NCHW" else f"{size}, {size}, 3"
+    assert re.search(rf"^input:\s+image\s+layout {layout}\s+shape \(batch, {shape}\)", text, re.M), text
     assert re.search(r"^\s+\S+\s+\(batch, 10\)\s+<- logits$", text, re.M), text
     auto = text.split("auto taps, by depth:\n", 1)[1].splitlines()
     rows = [line.split() for line in auto if re.match(r"^\s+\d+: ", line)]
@@ -91,9 +104,9 @@ def test_auto_taps_are_the_framework_stage_outputs(name):
     """The raw auto-tap tensors (kdpipe's loaded graph, plain onnxruntime) equal the framework's own
     stage activations once the tap's channel axis is moved to NHWC; the logits equal its logits."""
     path, ref = _fixture(name)
-    shapes, layouts, _ = TEACHERS[name]
+    layout, shapes, layouts, _ = TEACHERS[name]
     graph = load_teacher(path)
-    assert (graph.input.layout, graph.input.batch, graph.num_classes) == ("NHWC", None, NUM_CLASSES)
+    assert (graph.input.layout, graph.input.batch, graph.num_classes) == (layout, None, NUM_CLASSES)
     assert graph.batch_message is None
     taps = auto_taps(graph)
     assert [t.shape for t in taps] == shapes
@@ -101,7 +114,8 @@ def test_auto_taps_are_the_framework_stage_outputs(name):
     assert [t.op_type for t in taps] == ["Relu"] * 3
     model = expose(graph.model, [t.name for t in taps], graph.elem_types)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    got = sess.run([graph.logits_name, *(t.name for t in taps)], {graph.input.name: _model_input(ref)})
+    feed = {graph.input.name: _model_input(ref, layout)}
+    got = sess.run([graph.logits_name, *(t.name for t in taps)], feed)
     np.testing.assert_allclose(got[0], ref["logits"], rtol=1e-5, atol=2e-5)
     for i, (tap, act) in enumerate(zip(taps, got[1:], strict=True)):
         nhwc = np.moveaxis(act, tap.channel_axis, 3)
@@ -132,6 +146,12 @@ def _references(ref: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, np.
         ("jax_resnet_jax2onnx", "native", "float16", 256),
         ("keras_tiny1x1_tf2onnx", "graph", "float32", 5),
         ("keras_tiny1x1_tf2onnx", "native", "float16", 256),
+        *[
+            ("paddle_resnet_paddle2onnx", reduce, dtype, batch)
+            for reduce in ("graph", "native")
+            for dtype in ("float16", "float32")
+            for batch in (256, 3)
+        ],
     ],
 )
 def test_cache_teacher_targets_match_the_framework(tmp_path, name, reduce, dtype, batch):
@@ -149,11 +169,13 @@ def test_cache_teacher_targets_match_the_framework(tmp_path, name, reduce, dtype
 
     manifest = json.loads((out / "manifest.json").read_text())
     teacher = manifest["teacher"]
-    assert teacher["input"]["layout"] == "NHWC" and teacher["spec"]["normalize"]["layout"] == "NHWC"
-    shapes, layouts, _ = TEACHERS[name]
+    layout, shapes, layouts, parts = TEACHERS[name]
+    assert teacher["input"]["layout"] == layout and teacher["spec"]["normalize"]["layout"] == layout
     taps = manifest["taps"]
     assert [tuple(t["shape"]) for t in taps] == shapes
     assert [t["layout"] for t in taps] == list(layouts)
+    if parts is not None:
+        assert all(p in t["name"] for p, t in zip(parts, taps, strict=True)), [t["name"] for t in taps]
     expected = _references(ref, labels)
     arrays = [a for a in manifest["arrays"] if a != "view_params"]
     assert sorted(arrays) == sorted(expected)

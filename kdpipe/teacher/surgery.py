@@ -7,7 +7,8 @@ For a tap F with channel axis c and spatial axes s (NCHW: c=1, s=(2,3); NHWC: c=
     pooled = ReduceMean(F, axes=s, keepdims=0)                    (B, C)
 
 For NCHW taps of static shape the same values come from ops that suit onnxruntime's blocked conv
-layout: ``a`` from F reshaped to (B, C, H*W), ``pooled`` from Flatten(GlobalAveragePool(F)).
+layout: ``a`` = Conv(Mul(F, F), 1/C weights of shape (1, C, 1, 1)), ``pooled`` =
+Flatten(GlobalAveragePool(F)).
 
 computed in float32 (a float16 tap is cast first). Reduce ops take ``axes`` as an input from opset 18
 (ReduceSum from 13) and as an attribute before; the builder follows the model's opset.
@@ -103,11 +104,11 @@ def append_reductions(
         blocked = tap.channel_axis == 1 and all(isinstance(d, int) and d > 0 for d in (c, h, w))
         if want_at and blocked:
             # onnxruntime's CPU convs keep NCHW maps in a blocked layout (NCHWc) and convert a tensor
-            # back before any op that cannot read it: reshaping F first makes that one conversion of F
-            # (instead of one of F*F and one of F for the pooled mean).
-            flat = b.node("Reshape", [f, b.const(np.asarray([0, c, h * w], np.int64), "shape")], f"t{i}_flat")
-            sq = b.node("Mul", [flat, flat], f"t{i}_sq")
-            a = b.reduce("ReduceMean", sq, [1], 0, f"t{i}_chmean")
+            # back before any op that cannot read it. Mul and Conv read it: the channel mean as a 1x1
+            # conv with weights 1/C leaves only the one-channel map to convert.
+            sq = b.node("Mul", [f, f], f"t{i}_sq")
+            mean_w = b.const(np.full((1, c, 1, 1), 1.0 / c, np.float32), f"t{i}_meanw")
+            a = b.node("Conv", [sq, mean_w], f"t{i}_chmean", kernel_shape=[1, 1])
             a = b.node("Reshape", [a, b.const(np.asarray([0, h, w], np.int64), "shape")], f"t{i}_map")
         elif want_at:
             sq = b.node("Mul", [f, f], f"t{i}_sq")

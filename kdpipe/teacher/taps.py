@@ -9,11 +9,12 @@ a MatMul keeps NHWC (a Linear over channels) and gives None otherwise (not offer
 
 ``auto``: per spatial resolution (H, W), the last residual Add (an Add of two 4-D activations of the
 same shape), or the Relu right after it when that Relu is its only consumer (post-activation
-ResNets). In pre-activation nets the Add feeds a BatchNormalization, so the raw residual sum is
-chosen, which is the stage output there. Resolutions without a residual Add (stems, heads) are
-skipped. A graph with no residual Add at all (a plain CNN) falls back to the last activation-like
-output (Relu/Clip/.../Add/Conv/BatchNormalization) at each resolution larger than 1x1. Taps are ordered
-by depth: resolution from high to low, ties by graph order.
+ResNets), also through a chain of single-consumer Identity/Dropout nodes in between (paddle2onnx).
+In pre-activation nets the Add feeds a BatchNormalization, so the raw residual sum is chosen, which
+is the stage output there. Resolutions without a residual Add (stems, heads) are skipped. A graph
+with no residual Add at all (a plain CNN) falls back to the last activation-like output
+(Relu/Clip/.../Add/Conv/BatchNormalization) at each resolution larger than 1x1. Taps are ordered by
+depth: resolution from high to low, ties by graph order.
 """
 
 from __future__ import annotations
@@ -94,6 +95,9 @@ class TapInfo:
             "op_type": self.op_type,
             "module_path": self.module_path,
         }
+
+
+PASS_THROUGH_OPS = ("Identity", "Dropout")  # inference no-ops that exporters leave between Add and Relu
 
 
 def _perm(node: onnx.NodeProto) -> tuple[int, ...] | None:
@@ -193,10 +197,17 @@ def _auto_names(graph: TeacherGraph, cands: list[TapInfo]) -> list[str]:
         a, b = (by_name.get(t) for t in node.input)
         if a is None or b is None or a.shape != b.shape or node.output[0] not in by_name:
             continue
-        tap = node.output[0]
-        users = consumers.get(tap, [])
-        if len(users) == 1 and users[0].op_type == "Relu" and tap not in outputs:
-            tap = users[0].output[0]
+        tap = end = node.output[0]
+        while True:  # look through Identity/Dropout (paddle2onnx puts an Identity after every Add)
+            users = consumers.get(end, [])
+            if len(users) != 1 or end in outputs:
+                break
+            if users[0].op_type == "Relu" and users[0].output[0] in by_name:
+                tap = users[0].output[0]
+                break
+            if users[0].op_type not in PASS_THROUGH_OPS or users[0].output[0] not in by_name:
+                break
+            end = users[0].output[0]
         picks[by_name[tap].shape[1:]] = tap
     if not picks:  # plain CNN: last activation-like output per resolution
         for c in cands:
