@@ -330,6 +330,7 @@ def main() -> None:
     parser.add_argument(
         "--no-spinning", dest="spinning", action="store_false", help="cache-teacher threads sleep"
     )
+    parser.add_argument("--spin-ab", action="store_true", help="add cache-graph with --no-spin as a path")
     args = parser.parse_args()
     if args.quick:
         args.images, args.repeats, args.chunk = 512, 1, 256
@@ -363,6 +364,12 @@ def main() -> None:
                     steady[f"cache-{reduce}"],
                     spinning=args.spinning,
                 )
+            if args.spin_ab:  # the same job with onnxruntime's threads sleeping between operators
+                steady["cache-graph no-spin"] = []
+                fns["cache-graph no-spin"] = cache_fn(
+                    path, npz, folder, args.batch, args.threads, "graph", args.chunk,
+                    steady["cache-graph no-spin"], spinning=False,
+                )  # fmt: skip
             for fn in fns.values():
                 fn()  # warm-up
             for key in steady:

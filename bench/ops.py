@@ -7,6 +7,7 @@ Times are medians of several repeats after a warm-up; GB/s counts the activation
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -121,6 +122,31 @@ def bench_storage(repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
+def bench_normalize(repeats: int, quick: bool) -> list[dict[str, Any]]:
+    """Teacher preprocessing of uint8 NHWC images to float32 NCHW (ImageNet mean/std), one thread: the
+    native gather behind ``Normalize`` vs the same lookup table applied with NumPy fancy indexing."""
+    from kdpipe.data.preprocess import Normalize
+
+    norm = Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    lut = norm._lut(np.arange(256, dtype=np.float32))
+
+    def numpy_lut(images: np.ndarray) -> np.ndarray:
+        out = np.empty((images.shape[0], 3, *images.shape[1:3]), np.float32)
+        for c in range(3):
+            out[:, c] = lut[c][images[..., c]]
+        return out
+
+    rows = []
+    for shape in [(64, 32, 32, 3)] if quick else [(1024, 32, 32, 3), (64, 224, 224, 3)]:
+        x = np.random.default_rng(3).integers(0, 256, shape, dtype=np.uint8)
+        assert numpy_lut(x).tobytes() == norm(x).tobytes()
+        out = np.empty((shape[0], 3, *shape[1:3]), np.float32)
+        t_native = median_ms(repeats, functools.partial(norm, x, threads=1, out=out))
+        t_numpy = median_ms(repeats, numpy_lut, x)
+        rows.append({"shape": list(shape), "native_ms": t_native, "numpy_ms": t_numpy})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, few repeats (smoke test)")
@@ -144,6 +170,7 @@ def main() -> None:
         "tap_targets": bench_tap(shapes, repeats, bandwidth),
         "dct_targets": bench_dct(repeats),
         "to_storage": bench_storage(repeats),
+        "normalize": bench_normalize(repeats, args.quick),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
@@ -164,6 +191,10 @@ def main() -> None:
     print(f"{'to_storage elements':<22}{'dtype':<9}{'native ms':>10}{'numpy ms':>10}")
     for r in result["to_storage"]:
         print(f"{r['elements']:<22}{r['dtype']:<9}{r['native_ms']:>10.2f}{r['numpy_ms']:>10.2f}")
+    print(f"{'normalize uint8 NHWC':<22}{'':<9}{'native ms':>10}{'numpy ms':>10}  (1 thread, float32 NCHW)")
+    for r in result["normalize"]:
+        shape = "x".join(map(str, r["shape"]))
+        print(f"{shape:<22}{'':<9}{r['native_ms']:>10.2f}{r['numpy_ms']:>10.2f}")
     print(f"wrote {args.out}")
 
 
