@@ -338,7 +338,7 @@ def main() -> None:
     from kdpipe import __version__, ops
     from kdpipe.memory import keep_freed_memory
 
-    keep_freed_memory()  # what cache_teacher() does; applied first so that every path runs with it
+    keep_freed_memory(one_arena=True)  # what cache_teacher() does; first, so that every path runs with it
     load_before = os.getloadavg()
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="kdpipe-bench-ct-") as tmp:

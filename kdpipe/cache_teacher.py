@@ -221,7 +221,7 @@ def cache_teacher(job: CacheJob, log: Any = print) -> dict[str, Any]:
     from kdpipe.memory import keep_freed_memory
     from kdpipe.teacher import TeacherRunner, load_teacher, resolve_taps, spec_for
 
-    keep_freed_memory()
+    keep_freed_memory(one_arena=True)  # before the preparation and write threads start
     unknown = set(job.targets) - set(ALL_TARGETS)
     if unknown or not job.targets:
         raise KdpipeError(f"--targets {','.join(job.targets)}: choose from {','.join(ALL_TARGETS)}")

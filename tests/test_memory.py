@@ -42,10 +42,10 @@ def test_freed_memory_is_reused_without_page_faults() -> None:
 
 
 ARENAS = """
-import ctypes, threading
+import ctypes, sys, threading
 import numpy as np
 from kdpipe.memory import keep_freed_memory
-keep_freed_memory()
+print(keep_freed_memory(one_arena=sys.argv[1] == "one"))
 def work():
     global kept
     kept = np.ones(1 << 20, dtype=np.float32)  # 4 MiB from this thread's arena
@@ -59,12 +59,14 @@ ctypes.CDLL("libc.so.6").malloc_stats()  # glibc prints one block per arena to s
 def test_threads_share_the_main_arena() -> None:
     """A second arena's heaps are unmapped when empty, whatever the thresholds: threads must not get one."""
 
-    def arenas(keep: str) -> int:
+    def arenas(keep: str, mode: str) -> int:
         env = os.environ | {"KDPIPE_KEEP_FREED_MEMORY": keep}
-        err = subprocess.run(
-            [sys.executable, "-c", ARENAS], env=env, capture_output=True, text=True, check=True
-        ).stderr
-        return err.count("Arena ")
+        r = subprocess.run(
+            [sys.executable, "-c", ARENAS, mode], env=env, capture_output=True, text=True, check=True
+        )
+        assert r.stdout.strip() == str(keep == "1")
+        return r.stderr.count("Arena ")
 
-    assert arenas("1") == 1
-    assert arenas("0") >= 2  # glibc's default gives the thread its own arena: the check can fail
+    assert arenas("1", "one") == 1
+    assert arenas("1", "default") >= 2  # thresholds only: the thread gets its own arena
+    assert arenas("0", "one") >= 2  # turned off: glibc's default, so the first check can fail
