@@ -77,6 +77,10 @@ def test_providers():
     runner = TeacherRunner(graph, [], None, {"logits"}, provider="auto", threads=1, spinning=False)
     assert runner.providers[-1] == "CPUExecutionProvider"
     assert runner.session.get_session_options().intra_op_num_threads == 1
+    assert (
+        runner.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+        == "0"
+    )
     cpu = TeacherRunner(graph, [], None, {"logits"}, provider="cpu")
     assert cpu.providers == ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" not in runner.providers:
