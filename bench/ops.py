@@ -147,6 +147,25 @@ def bench_normalize(repeats: int, quick: bool) -> list[dict[str, Any]]:
     return rows
 
 
+def bench_resize(repeats: int, quick: bool) -> list[dict[str, Any]]:
+    """Random-resized-crop views (bilinear crop + resize + flip, ``kdpipe.data.transforms``), one thread:
+    the native blend vs the NumPy gathers of the same formula (bit-identical outputs)."""
+    from kdpipe.data.transforms import crop_resize_batch
+    from kdpipe.data.views import ViewPolicy, draw_view_params
+
+    rows = []
+    for n, side, size in [(8, 64, 56)] if quick else [(64, 256, 224), (1024, 40, 32)]:
+        x = np.random.default_rng(4).integers(0, 256, (n, side, side, 3), dtype=np.uint8)
+        policy = ViewPolicy(kind="rrc", size=size, flip=True)
+        p = draw_view_params(policy, 0, np.arange(n), np.zeros(n, np.int64), np.full((n, 2), side))
+        args = (x, *p.T, size)
+        assert crop_resize_batch(*args).tobytes() == crop_resize_batch(*args, native=False).tobytes()
+        t_native = median_ms(repeats, crop_resize_batch, *args)
+        t_numpy = median_ms(repeats, functools.partial(crop_resize_batch, native=False), *args)
+        rows.append({"images": [n, side, side, 3], "size": size, "native_ms": t_native, "numpy_ms": t_numpy})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, few repeats (smoke test)")
@@ -171,6 +190,7 @@ def main() -> None:
         "dct_targets": bench_dct(repeats),
         "to_storage": bench_storage(repeats),
         "normalize": bench_normalize(repeats, args.quick),
+        "crop_resize": bench_resize(repeats, args.quick),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
@@ -195,6 +215,10 @@ def main() -> None:
     for r in result["normalize"]:
         shape = "x".join(map(str, r["shape"]))
         print(f"{shape:<22}{'':<9}{r['native_ms']:>10.2f}{r['numpy_ms']:>10.2f}")
+    print(f"{'rrc views uint8 NHWC':<22}{'to':<9}{'native ms':>10}{'numpy ms':>10}  (1 thread)")
+    for r in result["crop_resize"]:
+        shape = "x".join(map(str, r["images"]))
+        print(f"{shape:<22}{r['size']:<9}{r['native_ms']:>10.2f}{r['numpy_ms']:>10.2f}")
     print(f"wrote {args.out}")
 
 

@@ -104,6 +104,46 @@ void normalize_u8(const py::array& images, const py::array& lut, const py::array
   kdpipe::normalize_u8_cpu(src, b, h * w, c_in, table, ch, c_out, nchw, dst, threads);
 }
 
+py::array_t<uint8_t> crop_resize_u8(const py::array& images, const py::array& ya, const py::array& yb,
+                                    const py::array& wy0, const py::array& wy1, const py::array& xa,
+                                    const py::array& xb, const py::array& wx0, const py::array& wx1, int threads) {
+  if (!images.dtype().equal(py::dtype::of<uint8_t>()) || images.ndim() != 4)
+    throw py::value_error("crop_resize_u8: expected uint8 images (B,H,W,C)");
+  require_c_contiguous(images, "crop_resize_u8");
+  const int64_t b = images.shape(0), h = images.shape(1), w = images.shape(2), c = images.shape(3);
+  if (ya.ndim() != 2 || ya.shape(0) != b) throw py::value_error("crop_resize_u8: index arrays must be (B, size)");
+  const int64_t size = ya.shape(1);
+  for (const py::array* a : {&ya, &yb, &xa, &xb}) {
+    if (!a->dtype().equal(py::dtype::of<int64_t>()) || a->ndim() != 2 || a->shape(0) != b || a->shape(1) != size)
+      throw py::value_error("crop_resize_u8: index arrays must be int64 (B, size)");
+    require_c_contiguous(*a, "crop_resize_u8");
+  }
+  for (const py::array* a : {&wy0, &wy1, &wx0, &wx1}) {
+    if (!a->dtype().equal(py::dtype::of<float>()) || a->ndim() != 2 || a->shape(0) != b || a->shape(1) != size)
+      throw py::value_error("crop_resize_u8: weights must be float32 (B, size)");
+    require_c_contiguous(*a, "crop_resize_u8");
+  }
+  const auto in_range = [&](const py::array& a, int64_t limit) {
+    const auto* p = static_cast<const int64_t*>(a.data());
+    for (int64_t i = 0; i < b * size; ++i)
+      if (p[i] < 0 || p[i] >= limit) return false;
+    return true;
+  };
+  if (!in_range(ya, h) || !in_range(yb, h) || !in_range(xa, w) || !in_range(xb, w))
+    throw py::value_error("crop_resize_u8: a source index lies outside the image");
+  py::array_t<uint8_t> out({b, size, size, c});
+  const auto i64 = [](const py::array& a) { return static_cast<const int64_t*>(a.data()); };
+  const auto f32 = [](const py::array& a) { return static_cast<const float*>(a.data()); };
+  const auto* src = static_cast<const uint8_t*>(images.data());
+  uint8_t* dst = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    kdpipe::crop_resize_u8_cpu(src, b, h, w, c, i64(ya), i64(yb), f32(wy0), f32(wy1), i64(xa), i64(xb), f32(wx0),
+                               f32(wx1), size, dst, threads);
+  }
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
@@ -126,6 +166,10 @@ PYBIND11_MODULE(_native, m) {
         py::arg("out"), py::arg("num_threads"),
         "uint8 images (B,H,W,C_in) -> out float32 (B,C_out,H,W) [nchw] or (B,H,W,C_out): "
         "out[..c..] = lut[c, images[..src_channel[c]]]; all C-contiguous");
+  m.def("crop_resize_u8", &crop_resize_u8, py::arg("images"), py::arg("ya"), py::arg("yb"), py::arg("wy0"),
+        py::arg("wy1"), py::arg("xa"), py::arg("xb"), py::arg("wx0"), py::arg("wx1"), py::arg("num_threads"),
+        "uint8 images (B,H,W,C) -> (B,size,size,C): bilinear blend of source rows ya/yb and columns xa/xb "
+        "(int64 (B,size)) with float32 weights, as kdpipe.data.transforms.crop_resize_batch");
   m.def("openmp_max_threads", &kdpipe::openmp_max_threads, "OpenMP's default thread count (0 without OpenMP)");
   m.def("cuda_device_count", &kdpipe::cuda_device_count,
         "visible CUDA devices; 0 without a driver, a GPU or a CUDA build (never raises)");

@@ -31,6 +31,14 @@ int openmp_max_threads();
 void normalize_u8_cpu(const uint8_t* images, int64_t b, int64_t hw, int64_t c_in, const float* lut,
                       const int32_t* src_channel, int64_t c_out, bool nchw, float* out, int threads);
 
+// ---- crop_resize.cpp: bilinear crop + resize of uint8 images (b,h,w,c) -> out (b,size,size,c).
+// ya/yb (b,size): the two source rows of each output row, wy0/wy1 their float32 weights; xa/xb/wx0/wx1
+// the same for columns (flips already applied). Indices must lie inside the image.
+void crop_resize_u8_cpu(const uint8_t* images, int64_t b, int64_t h, int64_t w, int64_t c, const int64_t* ya,
+                        const int64_t* yb, const float* wy0, const float* wy1, const int64_t* xa,
+                        const int64_t* xb, const float* wx0, const float* wx1, int64_t size, uint8_t* out,
+                        int threads);
+
 // ---- cuda/*.cu (or cuda_stub.cpp without a toolkit). Pointers are device addresses; stream is a
 // cudaStream_t. Errors (no driver, no GPU, launch failure) throw std::runtime_error.
 int cuda_device_count();  // 0 when there is no driver, no GPU or no CUDA build; never throws

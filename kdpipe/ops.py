@@ -247,6 +247,28 @@ def normalize_u8(
     )
 
 
+def crop_resize_u8(
+    images: np.ndarray,
+    ya: np.ndarray,
+    yb: np.ndarray,
+    wy0: np.ndarray,
+    wy1: np.ndarray,
+    xa: np.ndarray,
+    xb: np.ndarray,
+    wx0: np.ndarray,
+    wx1: np.ndarray,
+    threads: int = 1,
+) -> np.ndarray:
+    """uint8 (B,H,W,C) -> (B,S,S,C): ``floor(v + 0.5)`` clipped, v = (a*wx0 + b*wx1)*wy0 + (c*wx0 + d*wx1)*wy1
+    over source rows ya/yb and columns xa/xb (int64 (B,S)) with float32 weights (B,S), in float32 with
+    one rounding per operation. The native blend behind ``kdpipe.data.transforms.crop_resize_batch``.
+    """
+    if _native is None:  # pragma: no cover - callers check native_available()
+        raise RuntimeError("crop_resize_u8 needs kdpipe._native")
+    out: np.ndarray = _native.crop_resize_u8(images, ya, yb, wy0, wy1, xa, xb, wx0, wx1, max(1, int(threads)))
+    return out
+
+
 # ---- CUDA: torch tensors already on the GPU, reduced there (no copy of activations to the host) ----
 
 

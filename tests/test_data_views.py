@@ -169,3 +169,23 @@ def test_policy_dict_and_errors():
         ViewPolicy.from_dict({"kind": "rrc", "sizes": 3})
     with pytest.raises(KdpipeError):  # 8 + 2*4 < 32
         draw_view_params(PAD_CROP, 0, np.array([0]), np.array([0]), np.array([[8, 8]]))
+
+
+@pytest.mark.parametrize("size", [24, 48, 97])  # shrink, mixed, enlarge (boxes of 1..60 px)
+def test_native_resize_bit_identical_to_numpy(size):
+    """The native blend and the NumPy formula give the same bytes, flips and edge rows included."""
+    from kdpipe import ops
+    from kdpipe.data.transforms import crop_resize_batch
+
+    if not ops.native_available():
+        pytest.skip("kdpipe._native is not built")
+    rng = np.random.default_rng(size)
+    imgs = rng.integers(0, 256, (64, 40, 60, 3), dtype=np.uint8)
+    h = rng.integers(1, 41, 64)
+    w = rng.integers(1, 61, 64)
+    y0 = rng.integers(0, 41 - h)
+    x0 = rng.integers(0, 61 - w)
+    flip = rng.integers(0, 2, 64)
+    native = crop_resize_batch(imgs, y0, x0, h, w, flip, size)
+    numpy = crop_resize_batch(imgs, y0, x0, h, w, flip, size, native=False)
+    assert native.shape == (64, size, size, 3) and native.tobytes() == numpy.tobytes()
