@@ -1,8 +1,11 @@
-"""The one Python face of kdpipe's native target ops.
+"""The one Python face of kdpipe's native ops.
 
-Every op has a NumPy implementation (``*_numpy``) used when ``kdpipe._native`` is missing and as the
-float64 reference in tests. Shapes: activations are (N, C, H, W) with ``channel_axis=1`` or
-(N, H, W, C) with ``channel_axis=3`` (or -1). All returned targets are float32.
+Target ops (``tap_targets``, ``dct_targets``, ``to_storage``): each has a NumPy implementation
+(``*_numpy``) used when ``kdpipe._native`` is missing and as the float64 reference in tests. Shapes:
+activations are (N, C, H, W) with ``channel_axis=1`` or (N, H, W, C) with ``channel_axis=3`` (or -1).
+All returned targets are float32. Input ops (``normalize_u8``, ``crop_resize_u8``) are the native
+passes behind ``kdpipe.data.preprocess.Normalize`` and ``kdpipe.data.transforms.crop_resize_batch``,
+which keep their NumPy forms for builds without the module.
 """
 
 from __future__ import annotations
