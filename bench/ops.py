@@ -204,21 +204,23 @@ def main() -> None:
         print(f"{shape:<22}{r['layout']:<7}{r['native_ms']:>10.2f}{r['native_gbs']:>7.1f}"
               f"{r['numpy_ms']:>10.2f}{r['numpy_gbs']:>7.1f}{r['speedup_vs_numpy']:>8.1f}x"
               f"{r['fraction_of_read_bandwidth']:>7.2f}{r['native_float16_ms']:>9.2f}")  # fmt: skip
-    print(f"{'dct_targets shape':<22}{'variant':<9}{'native ms':>10}{'numpy ms':>10}")
-    for r in result["dct_targets"]:
-        shape = "x".join(map(str, r["shape"]))
-        print(f"{shape:<22}{r['variant']:<9}{r['native_ms']:>10.2f}{r['numpy_ms']:>10.2f}")
-    print(f"{'to_storage elements':<22}{'dtype':<9}{'native ms':>10}{'numpy ms':>10}")
-    for r in result["to_storage"]:
-        print(f"{r['elements']:<22}{r['dtype']:<9}{r['native_ms']:>10.2f}{r['numpy_ms']:>10.2f}")
-    print(f"{'normalize uint8 NHWC':<22}{'':<9}{'native ms':>10}{'numpy ms':>10}  (1 thread, float32 NCHW)")
-    for r in result["normalize"]:
-        shape = "x".join(map(str, r["shape"]))
-        print(f"{shape:<22}{'':<9}{r['native_ms']:>10.2f}{r['numpy_ms']:>10.2f}")
-    print(f"{'rrc views uint8 NHWC':<22}{'to':<9}{'native ms':>10}{'numpy ms':>10}  (1 thread)")
-    for r in result["crop_resize"]:
-        shape = "x".join(map(str, r["images"]))
-        print(f"{shape:<22}{r['size']:<9}{r['native_ms']:>10.2f}{r['numpy_ms']:>10.2f}")
+
+    def native_vs_numpy(head: str, col: str, rows: list[dict[str, Any]], label: Any, extra: Any) -> None:
+        print(f"{head:<22}{col:<9}{'native ms':>10}{'numpy ms':>10}")
+        for r in rows:
+            print(f"{label(r):<22}{extra(r):<9}{r['native_ms']:>10.2f}{r['numpy_ms']:>10.2f}")
+
+    def dims(key: str) -> Any:
+        return lambda r: "x".join(map(str, r[key]))
+
+    native_vs_numpy(
+        "dct_targets shape", "variant", result["dct_targets"], dims("shape"), lambda r: r["variant"]
+    )
+    native_vs_numpy(
+        "to_storage elements", "dtype", result["to_storage"], lambda r: r["elements"], lambda r: r["dtype"]
+    )
+    native_vs_numpy("normalize, 1 thread", "", result["normalize"], dims("shape"), lambda r: "")
+    native_vs_numpy("rrc views, 1 thread", "to", result["crop_resize"], dims("images"), lambda r: r["size"])
     print(f"wrote {args.out}")
 
 

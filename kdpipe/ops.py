@@ -39,9 +39,17 @@ def cuda_available() -> bool:
     return _native is not None and bool(getattr(_native, "built_with_cuda", False))
 
 
+def allowed_cpus() -> int:
+    """CPUs this process may run on (a Slurm/cgroup/taskset binding), not the node's core count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - macOS has no sched_getaffinity
+        return max(1, os.cpu_count() or 1)
+
+
 def num_threads() -> int:
     """Threads for the native ops: ``KDPIPE_NUM_THREADS``, else torch's setting when torch is already
-    imported, else the CPUs this process may run on (``sched_getaffinity``: Slurm/cgroup bindings).
+    imported, else ``allowed_cpus()``.
 
     torch is never imported here: that alone costs a second and a few hundred MiB, which a
     ``cache-teacher`` process (onnxruntime only) does not need.
@@ -52,10 +60,7 @@ def num_threads() -> int:
     torch = sys.modules.get("torch")
     if torch is not None and hasattr(torch, "get_num_threads"):
         return max(1, int(torch.get_num_threads()))
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - macOS has no sched_getaffinity
-        return max(1, os.cpu_count() or 1)
+    return allowed_cpus()
 
 
 def _check_activation(x: np.ndarray, channel_axis: int) -> int:

@@ -11,7 +11,6 @@ map's L2 normalisation irrelevant): in the graph as small matrix products (``gra
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 
 import numpy as np
@@ -31,14 +30,6 @@ _CUDA = "CUDAExecutionProvider"
 _CPU = "CPUExecutionProvider"
 
 
-def _allowed_cpus() -> int:
-    """CPUs this process may run on (a Slurm/cgroup/taskset binding), not the node's core count."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - no sched_getaffinity (macOS)
-        return max(1, os.cpu_count() or 1)
-
-
 def _session_options(threads: int | None, spinning: bool) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -46,7 +37,7 @@ def _session_options(threads: int | None, spinning: bool) -> ort.SessionOptions:
         raise KdpipeError(f"teacher threads must be >= 1, got {threads}")
     # onnxruntime's own default counts the node's physical cores and ignores the CPU binding: a job
     # given 4 CPUs of a 64-core node would run 64 threads on 4 CPUs
-    so.intra_op_num_threads = int(threads) if threads is not None else _allowed_cpus()
+    so.intra_op_num_threads = int(threads) if threads is not None else ops.allowed_cpus()
     if not spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
