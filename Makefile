@@ -14,7 +14,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml CMakeLists.txt constraints.txt $(NATIVE)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e ".[cpu,dev,demo]"
+	$(PIP) install -q -c constraints.txt -e ".[cpu,dev,demo,tensorboard]"
 	$(PY) -m kdpipe doctor --quiet
 	touch $(STAMP)
 

@@ -325,7 +325,12 @@ def cache_merge(src: str, dst: str) -> None:
 @click.option("--view-flip/--no-view-flip", default=True, show_default=True, help="Online teacher only.")
 @click.option("--out", required=True, type=click.Path(), help="Run folder.")
 @click.option("--epochs", default=10, show_default=True)
-@click.option("--batch-size", default=128, show_default=True)
+@click.option("--batch-size", default=128, show_default=True, help="Samples per step on each process.")
+@click.option(
+    "--global-batch",
+    default=0,
+    help="Samples per step over all processes (split between them; keeps a resume on another count exact).",
+)
 @click.option("--lr", default=0.1, show_default=True)
 @click.option("--optimizer", default="sgd", show_default=True, type=click.Choice(["sgd", "adamw"]))
 @click.option("--momentum", default=0.9, show_default=True)
@@ -350,6 +355,13 @@ def cache_merge(src: str, dst: str) -> None:
 @click.option("--no-export", is_flag=True, help="Skip the ONNX export at the end.")
 @click.option("--no-progress", is_flag=True)
 @click.option("--max-steps", default=0, help="Stop after this many steps (smoke tests, benchmarks).")
+@click.option(
+    "--log-every", default=0, help="Steps between records in RUN/step_metrics.jsonl (default: ~50 an epoch)."
+)
+@click.option(
+    "--checkpoint-every", default=0, help="Steps between mid-epoch checkpoints (default: at epoch ends only)."
+)
+@click.option("--no-tensorboard", is_flag=True, help="Write no TensorBoard event files (RUN/tensorboard/).")
 def distill_cmd(
     cache_path: str | None,
     online_teacher: str | None,
@@ -373,6 +385,7 @@ def distill_cmd(
     out: str,
     epochs: int,
     batch_size: int,
+    global_batch: int,
     lr: float,
     optimizer: str,
     momentum: float,
@@ -395,6 +408,9 @@ def distill_cmd(
     no_export: bool,
     no_progress: bool,
     max_steps: int,
+    log_every: int,
+    checkpoint_every: int,
+    no_tensorboard: bool,
 ) -> None:
     """Train a student from a teacher cache (or from an online teacher, for comparison)."""
     from kdpipe.train import DistillConfig, distill
@@ -429,6 +445,7 @@ def distill_cmd(
         temperature=temperature,
         epochs=epochs,
         batch_size=batch_size,
+        global_batch=global_batch,
         lr=lr,
         optimizer=optimizer,
         momentum=momentum,
@@ -451,6 +468,9 @@ def distill_cmd(
         export_onnx=not no_export,
         progress=not no_progress,
         max_steps=max_steps,
+        log_every=log_every,
+        checkpoint_every=checkpoint_every,
+        tensorboard=not no_tensorboard,
     )
     distill(cfg, log=lambda m: click.echo(m, err=True))
 
@@ -482,6 +502,16 @@ def show_maps_cmd(
     from kdpipe.show_maps import show_maps
 
     click.echo(show_maps(cache_path, sample, list(runs), out, view=view, data=data))
+
+
+@cli.command("show-curves")
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", default="curves.png", show_default=True, type=click.Path(), help="PNG to write.")
+def show_curves_cmd(runs: tuple[str, ...], out: str) -> None:
+    """Figure of the loss terms (per step) and val top-1 (per epoch) of one or more distill RUNS."""
+    from kdpipe.show_curves import show_curves
+
+    click.echo(show_curves(list(runs), out))
 
 
 def main() -> None:

@@ -1,0 +1,151 @@
+"""The student with its taps, the method (the loss, with its learned parts) and the pairing of
+student taps with teacher taps, as one :class:`DistillModule`."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from kdpipe.errors import KdpipeError
+from kdpipe.train.config import DistillConfig
+from kdpipe.train.teacher import TeacherSource
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def target_names_for(kinds: set[str], num_taps: int, dct_variant: str) -> list[str]:
+    """Cache array names a method reads, e.g. {"at", "logits"} -> ["logits", "at.0", "at.1", ...]."""
+    names = ["logits"] if "logits" in kinds else []
+    for i in range(num_taps):
+        names += [f"at.{i}"] if "at" in kinds else []
+        names += [f"dct.{dct_variant}.{i}"] if "dct" in kinds else []
+        names += [f"pooled.{i}"] if "pooled" in kinds else []
+    return names
+
+
+class DistillModule(nn.Module):
+    """Student + method (its learned parts, e.g. AFD's meta-network) as one module, so that DDP sees
+    every trained parameter and the loss is computed inside forward."""
+
+    def __init__(self, student: nn.Module, taps: Any, method: Any) -> None:
+        super().__init__()
+        self.student = student
+        self.taps = taps
+        self.method = method  # an nn.Module: its learned parts (AFD) train and checkpoint with the student
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, teacher: dict[str, torch.Tensor]) -> Any:
+        """x (B,C,H,W) float32, y (B,) int64, teacher: array name -> (B, ...) -> (loss, terms, logits)."""
+        logits = self.student(x)
+        loss, terms = self.method(logits, y, self.taps.features, teacher)
+        return loss, terms, logits
+
+
+def parse_run_method(cfg: DistillConfig, teacher: TeacherSource) -> tuple[Any, list[str]]:
+    """The method of ``cfg`` and the names of the teacher arrays it reads (checked against the source)."""
+    from kdpipe.losses import parse_method
+
+    variant = cfg.dct_variant or (teacher.dct_variants[0] if teacher.dct_variants else "dft-abs")
+    if variant not in teacher.dct_variants:
+        raise KdpipeError(
+            f"--dct-variant {variant!r}: the teacher targets hold {', '.join(teacher.dct_variants)}"
+        )
+    method = parse_method(cfg.method, cfg.weights or None, T=cfg.temperature,
+                          label_smoothing=cfg.label_smoothing, dct_variant=variant,
+                          dct_mask=cfg.teacher_correct_mask)  # fmt: skip
+    names = target_names_for(method.required_targets, len(teacher.chans), variant)
+    teacher.check_targets(names, cfg.method, method.required_targets)
+    return method, names
+
+
+@dataclass
+class Student:
+    """The student, its taps (forward hooks) and the (C, (H, W)) of each tap on the run's input size."""
+
+    model: nn.Module
+    taps: Any
+    chans: list[int]
+    hw: list[tuple[int, ...]]
+
+
+def build_student(cfg: DistillConfig, num_classes: int, in_chans: int, size: int, sync_bn: bool) -> Student:
+    """Create the student (seeded by ``cfg.seed``), hook its taps and probe their shapes.
+    ``sync_bn``: BatchNorm over the global batch (several processes)."""
+    from kdpipe.student import StudentTaps, create_model
+    from kdpipe.train.ddp import global_batchnorm
+
+    seed_everything(cfg.seed)
+    model = create_model(cfg.student, num_classes=num_classes, in_chans=in_chans, **cfg.student_kwargs)
+    if sync_bn:
+        global_batchnorm(model)
+    taps = StudentTaps(model, cfg.student_taps)
+    with torch.no_grad():
+        model.eval()
+        model(torch.zeros(2, in_chans, size, size))
+        model.train()
+    chans = [int(f.shape[1]) for f in taps.features]
+    hw = [tuple(f.shape[2:]) for f in taps.features]
+    return Student(model, taps, chans, hw)
+
+
+def pair_taps(
+    cfg: DistillConfig, method: Any, student: Student, teacher: TeacherSource
+) -> list[tuple[int, int]]:
+    """(student tap, teacher tap) pairs: one to one for AT/DCT, all to all for AFD, none otherwise."""
+    one_to_one = bool({"at", "dct"} & set(method.terms))
+    if one_to_one and len(student.chans) != len(teacher.chans):
+        raise KdpipeError(
+            f"method {cfg.method!r} pairs student and teacher taps one to one, but the student has "
+            f"{len(student.chans)} ({', '.join(student.taps.names)}) and the teacher {len(teacher.chans)}: "
+            "choose --student-taps (or --taps at cache time) to match, or use afd"
+        )
+    if one_to_one:
+        return [(i, i) for i in range(len(teacher.chans))]
+    if method.needs_build:
+        return [(s, t) for t in range(len(teacher.chans)) for s in range(len(student.chans))]
+    return []
+
+
+def describe_taps(
+    name: str, method: Any, student: Student, teacher: TeacherSource, pairing: list[tuple[int, int]]
+) -> list[str]:
+    """The lines a run prints about the taps of student ``name`` and how they pair with the teacher's."""
+    lines = [f"student {name} taps: " + ", ".join(
+        f"{n} {c}x{h}x{w}" for n, c, (h, w) in zip(student.taps.names, student.chans, student.hw, strict=True)
+    )]  # fmt: skip
+    if pairing and not {"at", "dct"} & set(method.terms):
+        lines.append(f"  AFD: each of {len(teacher.chans)} teacher tap(s) attends over all "
+                     f"{len(student.chans)} student tap(s)")  # fmt: skip
+    else:
+        lines += [f"  pair student {student.taps.names[s]} {student.hw[s]} <- teacher tap {t} {teacher.hw[t]}"
+                  for s, t in pairing]  # fmt: skip
+    return lines
+
+
+def build_module(
+    cfg: DistillConfig,
+    method: Any,
+    student: Student,
+    teacher: TeacherSource,
+    device: torch.device,
+    sync_bn: bool,
+) -> DistillModule:
+    """Build the method's learned parts (AFD) for these taps and put student + method on ``device``."""
+    from kdpipe.train.ddp import global_batchnorm
+
+    if method.needs_build:
+        method.build(student.chans, teacher.chans)
+    if sync_bn:
+        global_batchnorm(method)
+    module = DistillModule(student.model, student.taps, method).to(device)
+    if cfg.channels_last:
+        module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return module

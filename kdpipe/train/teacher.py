@@ -1,0 +1,160 @@
+"""Where a batch's teacher targets come from: the cache (the normal case) or an online onnxruntime
+teacher (the baseline the cache replaces). Both sit behind one interface, :class:`TeacherSource`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kdpipe.errors import KdpipeError
+from kdpipe.train.config import DistillConfig
+
+
+@dataclass
+class TeacherSource:
+    """What the student side needs to know about the teacher, and ``targets(batch)``.
+
+    ``chans``/``hw``: channels and (H, W) of each teacher tap; ``num_classes``: 0 when unknown;
+    ``policy``/``view_seed``/``num_views``: the views the teacher saw (replayed for the student);
+    ``normalize``: the teacher's input normalisation; ``cache``: the opened cache, or None online.
+    """
+
+    policy: Any
+    normalize: Any
+    view_seed: int
+    num_views: int
+    chans: list[int]
+    hw: list[tuple[int, int]]
+    num_classes: int
+    dct_variants: list[str]
+    cache: Any = None
+    where: str = ""  # the cache path, for messages
+
+    @property
+    def needs_uint8(self) -> bool:
+        """Whether batches must carry the raw uint8 views (the online teacher preprocesses them)."""
+        return False
+
+    def check_targets(self, names: list[str], method: str, required: set[str]) -> None:
+        """Refuse a method whose targets this source cannot give (nothing to check online)."""
+
+    def targets(self, batch: dict[str, Any], names: list[str]) -> dict[str, torch.Tensor]:
+        """The targets of one batch: array name -> float32 tensor (B, ...), on the host."""
+        return batch["targets"]
+
+
+def open_cache(cfg: DistillConfig, dataset: Any) -> Any:
+    """Open the complete cache ``cfg.cache`` and check it was made from ``dataset``."""
+    from kdpipe import cache as cache_mod
+
+    assert cfg.cache is not None
+    cache = cache_mod.open(cfg.cache, require_complete=True)
+    want = cache.manifest["dataset"]["fingerprint"]
+    got = dataset.fingerprint()
+    if want != got:
+        diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+        raise KdpipeError(
+            f"--data {cfg.data!r} is not the dataset the cache was made from "
+            f"(differs in: {', '.join(diff)}); "
+            f"the cache was made from {cache.manifest['dataset'].get('spec')!r}"
+        )
+    return cache
+
+
+class CachedTeacher(TeacherSource):
+    """Targets gathered from the cache by the batch source (in the DataLoader workers)."""
+
+    @classmethod
+    def from_cache(cls, cache: Any, where: str) -> CachedTeacher:
+        from kdpipe.data.preprocess import Normalize
+        from kdpipe.data.views import ViewPolicy
+
+        m = cache.manifest
+        return cls(
+            policy=ViewPolicy.from_dict(m["views"]["policy"]),
+            normalize=Normalize.from_dict(m["teacher"]["spec"]["normalize"]),
+            view_seed=int(m["views"]["seed"]),
+            num_views=cache.num_views,
+            chans=[int(t["shape"][0]) for t in m["taps"]],
+            hw=[(int(t["shape"][1]), int(t["shape"][2])) for t in m["taps"]],
+            num_classes=int(m["teacher"]["num_classes"]),
+            dct_variants=list(m["targets"]["dct"]["variants"]),
+            cache=cache,
+            where=where,
+        )
+
+    def check_targets(self, names: list[str], method: str, required: set[str]) -> None:
+        available = set(self.cache.manifest["arrays"])
+        missing = [n for n in names if n not in available]
+        if not self.chans:  # a cache without taps (e.g. --targets logits) has no per-tap arrays to list
+            missing += [f"{k}.0" for k in sorted(required - {"logits"})]
+        if missing:
+            raise KdpipeError(
+                f"method {method!r} needs cached targets {', '.join(missing)} that "
+                f"{self.where} does not hold; "
+                "re-run cache-teacher with --targets including them"
+            )
+
+
+class OnlineTeacher(TeacherSource):
+    """The ONNX teacher run by onnxruntime on every batch's replayed views."""
+
+    runner: Any = None
+    spec: Any = None
+
+    @property
+    def needs_uint8(self) -> bool:
+        return True
+
+    @classmethod
+    def from_onnx(cls, cfg: DistillConfig, dataset: Any) -> OnlineTeacher:
+        from kdpipe.cache_teacher import CacheJob, view_policy_for
+        from kdpipe.teacher import TeacherRunner, load_teacher, resolve_taps, spec_for
+
+        assert cfg.online_teacher is not None
+        graph = load_teacher(cfg.online_teacher)
+        taps = resolve_taps(graph, cfg.teacher_taps)
+        spec = spec_for(graph, card=cfg.teacher_card)
+        job = CacheJob(teacher="", data="", out="", views=cfg.views, augment=cfg.augment,
+                       pad=cfg.view_pad, flip=cfg.view_flip)  # fmt: skip
+        variants = [cfg.dct_variant or "dft-abs"]
+        self = cls(
+            policy=view_policy_for(job, spec.size, int(dataset.sizes().max())),
+            normalize=spec.normalize,
+            view_seed=cfg.view_seed,
+            num_views=max(cfg.views, 1),
+            chans=[t.shape[0] for t in taps],
+            hw=[(t.shape[1], t.shape[2]) for t in taps],
+            num_classes=graph.num_classes,
+            dct_variants=variants,
+        )
+        self.spec = spec
+        self.runner = TeacherRunner(graph, taps, spec, targets={"logits", "at", "dct", "pooled"},
+                                    provider="auto", threads=cfg.threads, reduce="graph",
+                                    dct_variants=tuple(variants), spinning=False)  # fmt: skip
+        return self
+
+    def targets(self, batch: dict[str, Any], names: list[str]) -> dict[str, torch.Tensor]:
+        raw = self.runner.run(self.spec.preprocess(batch["uint8"]))
+        return {k: torch.from_numpy(raw[k]) for k in names}
+
+
+def check_one_source(cfg: DistillConfig) -> None:
+    if (cfg.cache is None) == (cfg.online_teacher is None):
+        raise KdpipeError("give exactly one of --cache (the normal case) or --online-teacher (the baseline)")
+
+
+def open_teacher(cfg: DistillConfig, dataset: Any) -> TeacherSource:
+    """The teacher source of ``cfg``: exactly one of ``--cache`` and ``--online-teacher``."""
+    check_one_source(cfg)
+    if cfg.cache is not None:
+        source: TeacherSource = CachedTeacher.from_cache(open_cache(cfg, dataset), cfg.cache)
+    else:
+        source = OnlineTeacher.from_onnx(cfg, dataset)
+    if source.num_classes and dataset.num_classes > source.num_classes:
+        raise KdpipeError(
+            f"the dataset has {dataset.num_classes} classes but the teacher {source.num_classes}"
+        )
+    return source
