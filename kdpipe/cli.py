@@ -362,117 +362,36 @@ def cache_merge(src: str, dst: str) -> None:
     "--checkpoint-every", default=0, help="Steps between mid-epoch checkpoints (default: at epoch ends only)."
 )
 @click.option("--no-tensorboard", is_flag=True, help="Write no TensorBoard event files (RUN/tensorboard/).")
-def distill_cmd(
-    cache_path: str | None,
-    online_teacher: str | None,
-    data: str,
-    val_data: str | None,
-    student: str,
-    student_arg: tuple[str, ...],
-    student_taps: str,
-    teacher_taps: str,
-    teacher_card: str | None,
-    method: str,
-    weight: tuple[str, ...],
-    dct_variant: str | None,
-    teacher_correct_mask: bool,
-    temperature: float,
-    views: int,
-    augment: str,
-    view_seed: int,
-    view_pad: int,
-    view_flip: bool,
-    out: str,
-    epochs: int,
-    batch_size: int,
-    global_batch: int,
-    lr: float,
-    optimizer: str,
-    momentum: float,
-    nesterov: bool,
-    weight_decay: float,
-    schedule: str,
-    milestones: str,
-    gamma: float,
-    warmup_epochs: float,
-    label_smoothing: float,
-    amp: str,
-    channels_last: bool,
-    clip_grad: float,
-    seed: int,
-    eval_every: int,
-    workers: int,
-    device: str,
-    threads: int | None,
-    resume: bool,
-    no_export: bool,
-    no_progress: bool,
-    max_steps: int,
-    log_every: int,
-    checkpoint_every: int,
-    no_tensorboard: bool,
-) -> None:
+def distill_cmd(**opts: Any) -> None:
     """Train a student from a teacher cache (or from an online teacher, for comparison)."""
-    from kdpipe.train import DistillConfig, distill
+    from kdpipe.train import distill
+
+    distill(_distill_config(opts), log=lambda m: click.echo(m, err=True))
+
+
+def _distill_config(opts: dict[str, Any]) -> Any:
+    """The DistillConfig of `kdpipe distill`'s options (the same names, but for the few below)."""
+    from kdpipe.train import DistillConfig
 
     def taps_arg(t: str) -> str | list[str]:
         return t if t == "auto" else [x.strip() for x in t.split(",") if x.strip()]
 
+    o = dict(opts)
     try:
-        ms = [int(m) for m in milestones.split(",") if m.strip()]
+        o["milestones"] = [int(m) for m in o["milestones"].split(",") if m.strip()]
     except ValueError:
-        raise KdpipeError(f"--milestones {milestones!r}: expected epochs such as 60,120,160") from None
-    cfg = DistillConfig(
-        data=data,
-        out=out,
-        student=student,
-        student_kwargs=_parse_kv(student_arg, "--student-arg"),
-        method=method,
-        weights={k: float(v) for k, v in _parse_kv(weight, "--weight").items()},
-        cache=cache_path,
-        online_teacher=online_teacher,
-        val_data=val_data,
-        student_taps=taps_arg(student_taps),
-        teacher_taps=taps_arg(teacher_taps),
-        teacher_card=teacher_card,
-        views=views,
-        augment=augment,
-        view_seed=view_seed,
-        view_pad=view_pad,
-        view_flip=view_flip,
-        dct_variant=dct_variant,
-        teacher_correct_mask=teacher_correct_mask,
-        temperature=temperature,
-        epochs=epochs,
-        batch_size=batch_size,
-        global_batch=global_batch,
-        lr=lr,
-        optimizer=optimizer,
-        momentum=momentum,
-        nesterov=nesterov,
-        weight_decay=weight_decay,
-        schedule=schedule,
-        milestones=ms,
-        gamma=gamma,
-        warmup_epochs=warmup_epochs,
-        label_smoothing=label_smoothing,
-        amp=amp,
-        channels_last=channels_last,
-        clip_grad=clip_grad,
-        seed=seed,
-        eval_every=eval_every,
-        workers=workers,
-        device=device,
-        threads=threads,
-        resume=resume,
-        export_onnx=not no_export,
-        progress=not no_progress,
-        max_steps=max_steps,
-        log_every=log_every,
-        checkpoint_every=checkpoint_every,
-        tensorboard=not no_tensorboard,
-    )
-    distill(cfg, log=lambda m: click.echo(m, err=True))
+        raise KdpipeError(f"--milestones {o['milestones']!r}: expected epochs such as 60,120,160") from None
+    o["cache"] = o.pop("cache_path")
+    o["student_kwargs"] = _parse_kv(o.pop("student_arg"), "--student-arg")
+    o["weights"] = {k: float(v) for k, v in _parse_kv(o.pop("weight"), "--weight").items()}
+    o["student_taps"], o["teacher_taps"] = taps_arg(o["student_taps"]), taps_arg(o["teacher_taps"])
+    for flag, name in (
+        ("no_export", "export_onnx"),
+        ("no_progress", "progress"),
+        ("no_tensorboard", "tensorboard"),
+    ):
+        o[name] = not o.pop(flag)
+    return DistillConfig(**o)
 
 
 @cli.command("evaluate")

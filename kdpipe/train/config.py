@@ -67,6 +67,8 @@ def per_rank_batch(cfg: DistillConfig, world_size: int) -> int:
     """Samples per step on each process: ``global_batch / world_size`` when a global batch is given."""
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.global_batch < 0:
         raise KdpipeError("--epochs and --batch-size must be >= 1 (and --global-batch >= 0)")
+    if cfg.log_every < 0 or cfg.checkpoint_every < 0:
+        raise KdpipeError("--log-every and --checkpoint-every must be >= 0 (0: the default)")
     if not cfg.global_batch:
         return cfg.batch_size
     if cfg.global_batch % world_size:

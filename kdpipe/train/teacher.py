@@ -120,7 +120,7 @@ class OnlineTeacher(TeacherSource):
         job = CacheJob(teacher="", data="", out="", views=cfg.views, augment=cfg.augment,
                        pad=cfg.view_pad, flip=cfg.view_flip)  # fmt: skip
         variants = [cfg.dct_variant or "dft-abs"]
-        self = cls(
+        source = cls(
             policy=view_policy_for(job, spec.size, int(dataset.sizes().max())),
             normalize=spec.normalize,
             view_seed=cfg.view_seed,
@@ -130,11 +130,11 @@ class OnlineTeacher(TeacherSource):
             num_classes=graph.num_classes,
             dct_variants=variants,
         )
-        self.spec = spec
-        self.runner = TeacherRunner(graph, taps, spec, targets={"logits", "at", "dct", "pooled"},
-                                    provider="auto", threads=cfg.threads, reduce="graph",
-                                    dct_variants=tuple(variants), spinning=False)  # fmt: skip
-        return self
+        source.spec = spec
+        source.runner = TeacherRunner(graph, taps, spec, targets={"logits", "at", "dct", "pooled"},
+                                      provider="auto", threads=cfg.threads, reduce="graph",
+                                      dct_variants=tuple(variants), spinning=False)  # fmt: skip
+        return source
 
     def targets(self, batch: dict[str, Any], names: list[str]) -> dict[str, torch.Tensor]:
         raw = self.runner.run(self.spec.preprocess(batch["uint8"]))
