@@ -53,6 +53,7 @@ class CacheJob:
     # onnxruntime's threads spin between operators (its default): the job runs one session and trains
     # nothing, and its preparation and write threads need little CPU (docs/benchmarks.md)
     spinning: bool = True
+    skip_bad: bool = False  # image folders: leave out files that do not decode (recorded in the manifest)
 
 
 def view_policy_for(job: CacheJob, size: tuple[int, int], image_side: int) -> Any:
@@ -122,6 +123,7 @@ def build_manifest(job: CacheJob, graph: Any, taps: list[Any], spec: Any, datase
             "spec": job.data,
             "fingerprint": dataset.fingerprint(),
             "class_names": dataset.class_names,
+            "skipped": list(getattr(dataset, "skipped", [])),
         },
         "views": {"policy": policy.to_dict(), "seed": job.seed, "count": job.views},
         # "run" is the one section a resume does not compare: where things were, which software.
@@ -232,7 +234,13 @@ def cache_teacher(job: CacheJob, log: Any = print) -> dict[str, Any]:
         raise KdpipeError(f"--views {job.views}: must be >= 0 (0 = the plain input)")
     graph = load_teacher(job.teacher)
     taps = resolve_taps(graph, job.taps) if {"at", "dct", "pooled"} & set(job.targets) else []
-    dataset = load_dataset(job.data)
+    dataset = load_dataset(job.data, skip_bad=job.skip_bad)
+    skipped = list(getattr(dataset, "skipped", []))
+    if skipped:
+        log(
+            f"--skip-bad: left out {len(skipped)} unreadable image(s) ({', '.join(skipped[:3])}"
+            f"{', ...' if len(skipped) > 3 else ''}); recorded in the manifest"
+        )
     spec = spec_for(graph, card=job.card, **job.spec_overrides)
     if graph.num_classes and dataset.num_classes > graph.num_classes:
         raise KdpipeError(
@@ -289,6 +297,12 @@ def cache_teacher(job: CacheJob, log: Any = print) -> dict[str, Any]:
         writer.close()
     elapsed = time.perf_counter() - t0
     accuracy = (correct / seen) if seen else None
+    if accuracy is not None and dataset.num_classes > 1 and accuracy <= 1.0 / dataset.num_classes:
+        log(
+            f"WARNING: the teacher's top-1 on these views is {100 * accuracy:.2f}%, at or below chance "
+            f"({100 / dataset.num_classes:.2f}% for {dataset.num_classes} classes): wrong teacher, wrong "
+            "class order, or wrong preprocessing (check --card / --mean / --std / --bgr)"
+        )
     return _summary(job, manifest, shard, total_items, elapsed, accuracy, runner.providers)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 from typing import Any
 
@@ -10,25 +12,62 @@ import click
 
 from kdpipe.errors import KdpipeError
 
+# OS errors that come from the user's environment (paths, permissions, space), not from a bug
+_USER_ERRNOS = {
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "check the path",
+    errno.EISDIR: "give a file, not a folder",
+    errno.EACCES: "check the permissions",
+    errno.EPERM: "check the permissions",
+    errno.EROFS: "the file system is read-only: choose a writable location",
+    errno.ENOSPC: "the disk is full: free some space, then run the same command again to resume",
+    errno.EDQUOT: "the disk quota is exceeded: free some space, then run the same command again",
+    errno.EFBIG: "the file size limit was reached (ulimit -f): raise it, then run the command again",
+}
+
+
+def os_error_line(e: OSError) -> str | None:
+    """One line for an OS error caused by the environment (None for anything else)."""
+    hint = _USER_ERRNOS.get(e.errno or -1)
+    if hint is None:
+        return None
+    where = f": {e.filename}" if e.filename else ""
+    return f"{e.strerror or e}{where}; {hint}"
+
 
 class _Group(click.Group):
-    """Turns KdpipeError (and a few OS errors that are user mistakes) into one clear line."""
+    """Turns KdpipeError (and OS errors that are user mistakes) into one clear line; --debug re-raises."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except KdpipeError as e:
+            if _debug(ctx):
+                raise
             click.echo(f"kdpipe: error: {e}", err=True)
             ctx.exit(e.exit_code)
+        except OSError as e:
+            line = os_error_line(e)
+            if line is None or _debug(ctx):
+                raise
+            click.echo(f"kdpipe: error: {line} (--debug shows the traceback)", err=True)
+            ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("kdpipe: interrupted; run the same command again to resume", err=True)
             ctx.exit(130)
 
 
+def _debug(ctx: click.Context) -> bool:
+    return bool((ctx.obj or {}).get("debug")) or os.environ.get("KDPIPE_DEBUG", "") not in ("", "0")
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="kdpipe")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="Show the Python traceback of an error (also KDPIPE_DEBUG=1).")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
     """kdpipe: cache a teacher's distillation targets once, train students from the cache."""
+    ctx.obj = {"debug": debug}
 
 
 @cli.command()
@@ -156,6 +195,11 @@ def inspect(teacher: str) -> None:
 @click.option("--std", default=None, help="Per-channel std after scaling.")
 @click.option("--bgr", is_flag=True, help="The teacher expects BGR channel order.")
 @click.option("--no-progress", is_flag=True)
+@click.option(
+    "--skip-bad",
+    is_flag=True,
+    help="Image folders: leave out files that do not decode (listed in the manifest).",
+)
 def cache_teacher_cmd(
     teacher: str,
     data: str,
@@ -184,6 +228,7 @@ def cache_teacher_cmd(
     std: str | None,
     bgr: bool,
     no_progress: bool,
+    skip_bad: bool,
 ) -> None:
     """Run TEACHER (an ONNX file) once over --data and cache its distillation targets in --out."""
     from kdpipe.cache_teacher import CacheJob, cache_teacher
@@ -223,6 +268,7 @@ def cache_teacher_cmd(
         card=card,
         spec_overrides=overrides,
         progress=not no_progress,
+        skip_bad=skip_bad,
     )
     s = cache_teacher(job, log=lambda m: click.echo(m, err=True))
     acc = s["teacher_accuracy"]
@@ -350,6 +396,11 @@ def cache_merge(src: str, dst: str) -> None:
 @click.option("--no-export", is_flag=True, help="Skip the ONNX export at the end.")
 @click.option("--no-progress", is_flag=True)
 @click.option("--max-steps", default=0, help="Stop after this many steps (smoke tests, benchmarks).")
+@click.option(
+    "--no-verify",
+    is_flag=True,
+    help="Skip the crc32 check of the cached arrays at start (only after `kdpipe cache verify`).",
+)
 def distill_cmd(
     cache_path: str | None,
     online_teacher: str | None,
@@ -395,6 +446,7 @@ def distill_cmd(
     no_export: bool,
     no_progress: bool,
     max_steps: int,
+    no_verify: bool,
 ) -> None:
     """Train a student from a teacher cache (or from an online teacher, for comparison)."""
     from kdpipe.train import DistillConfig, distill
@@ -451,6 +503,7 @@ def distill_cmd(
         export_onnx=not no_export,
         progress=not no_progress,
         max_steps=max_steps,
+        verify=not no_verify,
     )
     distill(cfg, log=lambda m: click.echo(m, err=True))
 

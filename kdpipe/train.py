@@ -6,10 +6,12 @@ batches -> forward with tap hooks -> loss -> step; evaluate; checkpoint; at the 
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -75,9 +77,41 @@ class DistillConfig:
     export_onnx: bool = True
     progress: bool = True
     max_steps: int = 0  # stop after this many steps in total (benchmarks/tests); 0 = no limit
+    verify: bool = True  # check every chunk's crc32 of the arrays used before training (--no-verify)
 
 
 # ----------------------------------------------------------------------------- set-up helpers
+def verify_for_training(cache: Any, names: list[str], enabled: bool, world: WorldInfo, log: Any) -> None:
+    """Check the crc32 of every chunk of the arrays ``names`` before any of them reaches a loss.
+
+    A full check at start (measured against per-chunk checks in docs/benchmarks.md): a damaged
+    cache stops the run before its first step, so no checkpoint of it is ever kept. DDP ranks split
+    the files and agree on the outcome. KdpipeError names the file and the chunk.
+    """
+    from kdpipe.cache.verify import verify
+
+    if not enabled:
+        if world.is_main:
+            log(f"cache {cache.path} NOT verified (--no-verify): damaged bytes would go unnoticed")
+        return
+    t0 = time.perf_counter()
+    problems = verify(cache.path, names, part=(world.rank, world.world_size))
+    bad = len(problems)
+    if world.distributed:
+        flag = torch.tensor([bad], dtype=torch.int64)
+        torch.distributed.all_reduce(flag)
+        bad = int(flag.item())
+    if bad:
+        first = problems[0] if problems else "damage found by another rank (see its message)"
+        more = f" (and {bad - 1} more problem(s))" if bad > 1 else ""
+        raise KdpipeError(
+            f"cache {cache.path} is damaged: {first}{more}; nothing was trained. `kdpipe cache verify "
+            f"{cache.path}` lists every problem"
+        )
+    if world.is_main:
+        nbytes = sum(cache.layout.data_bytes(n, i) for n in names for i in range(cache.layout.num_shards))
+        took = time.perf_counter() - t0
+        log(f"cache verified: {len(names)} array(s), {nbytes / 2**20:,.1f} MiB in {took:.1f} s")
 
 
 def seed_everything(seed: int) -> None:
@@ -232,12 +266,31 @@ def export_student(
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write atomically: a killed run never leaves a half-written checkpoint behind."""
+    """Write atomically (temp file, fsync, rename, fsync of the folder): a killed run never leaves a
+    half-written checkpoint behind. A full disk is one clear line; the previous checkpoint stays."""
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        free = shutil.disk_usage(path.parent).free
+        if isinstance(e, RuntimeError) and free > 64 << 20:
+            raise  # torch's own failure, not a full disk
+        raise KdpipeError(
+            f"cannot write checkpoint {path}: disk full ({free / 2**20:.1f} MiB free); the previous "
+            "checkpoint is kept: free some space and run the same command with --resume"
+        ) from None
 
 
 # ----------------------------------------------------------------------------- the run
@@ -257,6 +310,7 @@ def _check_dataset(cache: Any, dataset: Any, data: str) -> None:
 # Settings a resumed run may change: they do not alter what is trained (or only extend it).
 _RESUME_FREE = {
     "resume",
+    "verify",
     "progress",
     "workers",
     "threads",
@@ -293,8 +347,17 @@ def _truncate_logs(out: Path, epoch: int) -> None:
         path = out / name
         if path.exists():
             lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-            kept = [ln for ln in lines if keep(json.loads(ln)[key])]
+            kept = [ln for ln in lines if _complete_record(ln) and keep(json.loads(ln)[key])]
             path.write_text("".join(ln + "\n" for ln in kept))
+
+
+def _complete_record(line: str) -> bool:
+    """False for a line torn by a crash or a full disk mid-write."""
+    try:
+        json.loads(line)
+        return True
+    except ValueError:
+        return False
 
 
 def _teacher_shapes(cache: Any) -> tuple[list[int], list[tuple[int, int]], int]:
@@ -336,13 +399,13 @@ def distill(cfg: DistillConfig, log: Any = print) -> dict[str, Any]:
     if (ckpt_dir / "last.pt").exists() and not cfg.resume:
         raise KdpipeError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
 
-    dataset = load_dataset(cfg.data)
-
     # --- teacher side: a cache (normal) or an online onnxruntime teacher (the baseline)
     online = None
     online_spec: Any = None
     if cfg.cache is not None:
         cache = cache_mod.open(cfg.cache, require_complete=True)
+        # the images cache-teacher --skip-bad left out are left out here too
+        dataset = load_dataset(cfg.data, exclude=cache.manifest["dataset"].get("skipped", []))
         _check_dataset(cache, dataset, cfg.data)
         from kdpipe.data.views import ViewPolicy
 
@@ -359,6 +422,7 @@ def distill(cfg: DistillConfig, log: Any = print) -> dict[str, Any]:
         from kdpipe.teacher import TeacherRunner, load_teacher, resolve_taps, spec_for
 
         assert cfg.online_teacher is not None
+        dataset = load_dataset(cfg.data)
         graph = load_teacher(cfg.online_teacher)
         taps = resolve_taps(graph, cfg.teacher_taps)
         spec = online_spec = spec_for(graph, card=cfg.teacher_card)
@@ -394,6 +458,11 @@ def distill(cfg: DistillConfig, log: Any = print) -> dict[str, Any]:
             spinning=False,
         )
         cache = None
+    if cfg.batch_size * world.world_size > len(dataset):
+        raise KdpipeError(
+            f"--batch-size {cfg.batch_size} x {world.world_size} process(es) exceeds the {len(dataset)} "
+            f"samples of --data {cfg.data!r}: lower --batch-size"
+        )
     if t_classes and dataset.num_classes > t_classes:
         raise KdpipeError(f"the dataset has {dataset.num_classes} classes but the teacher {t_classes}")
     num_classes = t_classes or dataset.num_classes
@@ -521,6 +590,8 @@ def distill(cfg: DistillConfig, log: Any = print) -> dict[str, Any]:
                 "cache more views with --views"
             )
 
+    if cache is not None:  # after every other check: a user mistake never waits for this read
+        verify_for_training(cache, [*target_names, "labels", "view_params"], cfg.verify, world, log)
     source = BatchSource(
         dataset,
         policy,
