@@ -112,8 +112,11 @@ def _write_tmp(path: Path, data: bytes) -> Path:
         while view:
             view = view[os.write(fd, view) :]
         os.fsync(fd)
-    finally:
+    except BaseException:  # a full disk mid-write: leave no temp file behind
         os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
     return tmp
 
 
