@@ -92,6 +92,14 @@ def doctor(as_json: bool, quiet: bool) -> None:
 # ----------------------------------------------------------------------------- teacher and cache
 
 
+def _images_x_views(text: str) -> tuple[int, int]:
+    """``"1281167x8"`` -> (1281167, 8)."""
+    a, _, b = text.lower().partition("x")
+    if not (a.strip().isdigit() and b.strip().isdigit()) or int(a) < 1 or int(b) < 1:
+        raise KdpipeError(f"--project {text!r}: expected IMAGESxVIEWS, e.g. 1281167x8")
+    return int(a), int(b)
+
+
 def _parse_kv(items: tuple[str, ...], what: str) -> dict[str, Any]:
     """``("depth=16", "width=2.5")`` -> {"depth": 16, "width": 2.5} (YAML scalars)."""
     import yaml
@@ -133,7 +141,12 @@ def inspect(teacher: str) -> None:
     show_default=True,
     help="auto, or comma-separated tensor names, torch module paths, or re:REGEX.",
 )
-@click.option("--targets", default="logits,at,dct,pooled", show_default=True, help="Which targets to cache.")
+@click.option(
+    "--targets",
+    default="logits,at,pooled",
+    show_default=True,
+    help="Which targets to cache (add dct to store DCT targets; by default distill derives them from at).",
+)
 @click.option(
     "--dct-variant",
     default="dft-abs",
@@ -182,11 +195,19 @@ def inspect(teacher: str) -> None:
 )
 @click.option(
     "--vec-dtype",
-    default="float32",
-    show_default=True,
+    default=None,
     type=click.Choice(["float16", "bfloat16", "float32"]),
-    help="Storage dtype of pooled/logits.",
+    help="Storage dtype of pooled vectors and full logits [default: pooled float16, logits float32].",
 )
+@click.option(
+    "--logits",
+    "logits_mode",
+    default="auto",
+    show_default=True,
+    help="full, topk:K (the K largest logits + the others' mean), or auto (full up to 100 classes, "
+    "else topk:100).",
+)
+@click.option("--estimate", is_flag=True, help="Print the bytes per view and the cache's size; run nothing.")
 @click.option("--shard", default=None, help="INDEX/COUNT of an array job (default: Slurm/Kubernetes env).")
 @click.option("--card", type=click.Path(), default=None, help="YAML teacher card (preprocessing).")
 @click.option("--input-size", type=int, default=None, help="Teacher input side (px), if not in the graph.")
@@ -219,7 +240,9 @@ def cache_teacher_cmd(
     spin: bool,
     reduce: str,
     map_dtype: str,
-    vec_dtype: str,
+    vec_dtype: str | None,
+    logits_mode: str,
+    estimate: bool,
     shard: str | None,
     card: str | None,
     input_size: int | None,
@@ -264,6 +287,8 @@ def cache_teacher_cmd(
         reduce=reduce,
         map_dtype=map_dtype,
         vec_dtype=vec_dtype,
+        logits=logits_mode,
+        estimate=estimate,
         shard=shard,
         card=card,
         spec_overrides=overrides,
@@ -271,6 +296,9 @@ def cache_teacher_cmd(
         skip_bad=skip_bad,
     )
     s = cache_teacher(job, log=lambda m: click.echo(m, err=True))
+    if s.get("estimate"):
+        click.echo(_estimate_text(s))
+        return
     acc = s["teacher_accuracy"]
     click.echo(
         f"cached {s['items_done']} item(s) ({s['samples']} samples x {s['views']} view(s), "
@@ -278,6 +306,14 @@ def cache_teacher_cmd(
         f"in {s['seconds']:.1f} s ({s['items_per_s'] or 0:,.0f} img/s); "
         f"{(s['bytes_on_disk'] or 0) / 2**20:.1f} MiB on disk; complete: {s['complete']}"
         + (f"; teacher top-1 on these views: {100 * acc:.2f}%" if acc is not None else "")
+    )
+
+
+def _estimate_text(s: dict[str, Any]) -> str:
+    parts = ", ".join(f"{k} {v:,.0f}" for k, v in s["arrays"].items())
+    return (
+        f"{s['bytes_per_view']:,.0f} bytes per view ({parts}); this cache: {s['samples']:,} samples x "
+        f"{s['views']} view(s) = {s['bytes'] / 2**20:,.1f} MiB"
     )
 
 
@@ -289,11 +325,17 @@ def cache() -> None:
 @cache.command("info")
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True)
-def cache_info(path: str, as_json: bool) -> None:
-    """Summary of a cache: samples, views, taps, arrays, bytes, completeness."""
+@click.option(
+    "--project",
+    default="1281167x8",
+    show_default=True,
+    help="IMAGESxVIEWS: the size of a cache with these targets over that many items (ImageNet-1k x 8).",
+)
+def cache_info(path: str, as_json: bool, project: str) -> None:
+    """Summary of a cache: samples, views, taps, arrays, bytes per view, projected size, completeness."""
     from kdpipe import cache as cache_mod
 
-    info = cache_mod.info(path)
+    info = cache_mod.info(path, project=_images_x_views(project))
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
         return

@@ -27,6 +27,7 @@ from kdpipe.batches import BatchSource, EpochKeys, epoch_order, epoch_views, loa
 from kdpipe.distributed import WorldInfo, discover_world
 from kdpipe.errors import KdpipeError
 from kdpipe.progress import Progress
+from kdpipe.targets import TargetPlan, plan_targets
 
 
 @dataclass
@@ -468,7 +469,8 @@ def distill(cfg: DistillConfig, log: Any = print) -> dict[str, Any]:
     num_classes = t_classes or dataset.num_classes
 
     variant = cfg.dct_variant or (dct_variants[0] if dct_variants else "dft-abs")
-    if variant not in dct_variants:
+    derivable = cache is not None and any(a.startswith("at.") for a in available)
+    if variant not in dct_variants and not derivable:  # a cache's at maps give any variant
         raise KdpipeError(f"--dct-variant {variant!r}: the teacher targets hold {', '.join(dct_variants)}")
     method = parse_method(
         cfg.method,
@@ -478,7 +480,11 @@ def distill(cfg: DistillConfig, log: Any = print) -> dict[str, Any]:
         dct_variant=variant,
         dct_mask=cfg.teacher_correct_mask,
     )
-    target_names = target_names_for(method.required_targets, len(t_chans), variant)
+    if cache is not None:
+        plan = plan_targets(method.required_targets, len(t_chans), variant, available, t_classes)
+    else:
+        plan = TargetPlan(target_names_for(method.required_targets, len(t_chans), variant))
+    target_names = plan.read
     if cache is not None:
         missing = [n for n in target_names if n not in available]
         if not t_chans:  # a cache without taps (e.g. --targets logits) has no per-tap arrays to list
@@ -645,7 +651,7 @@ def distill(cfg: DistillConfig, log: Any = print) -> dict[str, Any]:
                 teacher = {k: torch.from_numpy(raw[k]) for k in target_names}
             else:
                 teacher = batch["targets"]
-            teacher = {k: v.to(device, non_blocking=True) for k, v in teacher.items()}
+            teacher = plan.complete({k: v.to(device, non_blocking=True) for k, v in teacher.items()})
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 loss, terms, _ = train_model(x, y, teacher)
             optimizer.zero_grad(set_to_none=True)
