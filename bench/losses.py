@@ -2,9 +2,10 @@
 
 The taps are WRN-16-1's three stage outputs at batch 128 ((128,16,32,32), (128,32,16,16),
 (128,64,8,8), float32, CPU); the teacher targets are random float16 maps. Timed: ``at_loss`` and
-``dct_loss`` (dft-abs), and the attention map ``mean_c(F**2)`` per tap with kdpipe's one-pass backward
-against autograd's own backward of ``(f * f).mean(1)``. Median of ``--repeats`` after 3 warm-ups,
-interleaved. Writes bench/results/losses.json and prints a table.
+``dct_loss`` (dft-abs), the teacher's D derived from its cached at maps (what distill adds per
+step for a cache without stored DCT targets), and the attention map ``mean_c(F**2)`` per tap with
+kdpipe's one-pass backward against autograd's own backward of ``(f * f).mean(1)``. Median of
+``--repeats`` after 3 warm-ups, interleaved. Writes bench/results/losses.json and prints a table.
 
 Usage: ``python bench/losses.py [--repeats 30]``.
 """
@@ -25,6 +26,7 @@ import torch
 from kdpipe.losses import at_loss, dct_loss
 from kdpipe.losses.common import channel_energy
 from kdpipe.memory import keep_freed_memory
+from kdpipe.targets import TargetPlan
 
 RESULTS = Path(__file__).resolve().parent / "results" / "losses.json"
 BATCH = 128
@@ -60,7 +62,15 @@ def main() -> None:
 
         return run
 
-    cases: dict[str, Callable[[], None]] = {"at_loss": loss_case(at_loss), "dct_loss": loss_case(dct_loss)}
+    plan = TargetPlan(
+        read=[], derive={f"dct.dft-abs.{i}": (f"at.{i}", "dft-abs") for i in range(len(SHAPES))}
+    )
+    at_batch = {f"at.{i}": m.float() for i, m in enumerate(maps)}
+    cases: dict[str, Callable[[], None]] = {
+        "at_loss": loss_case(at_loss),
+        "dct_loss": loss_case(dct_loss),
+        "teacher D from at maps (derived)": lambda: plan.complete(at_batch) and None,
+    }
     for i, (c, h, w) in enumerate(SHAPES):
         cases[f"energy {c}x{h}x{w} kdpipe"] = energy_case(i, channel_energy)
         cases[f"energy {c}x{h}x{w} autograd"] = energy_case(i, autograd_energy)

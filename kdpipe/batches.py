@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from kdpipe.errors import KdpipeError
+
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     """A permutation of range(n), int64, fixed by (seed, epoch)."""
@@ -32,7 +34,10 @@ def rank_batches(order: np.ndarray, batch_size: int, rank: int, world: int) -> l
     per_step = batch_size * world
     steps = len(order) // per_step
     if steps == 0:
-        raise ValueError(f"batch size {batch_size} x {world} process(es) exceeds the {len(order)} samples")
+        raise KdpipeError(
+            f"--batch-size {batch_size} x {world} process(es) exceeds the {len(order)} samples of the "
+            "data set: lower --batch-size"
+        )
     used = order[: steps * per_step].reshape(steps, world, batch_size)
     return [used[s, rank] for s in range(steps)]
 

@@ -22,6 +22,8 @@ from kdpipe.errors import KdpipeError
 from kdpipe.progress import Progress
 
 ALL_TARGETS = ("logits", "at", "dct", "pooled")
+# DCT targets are derived from the at maps at training time unless asked for (kdpipe/targets.py)
+DEFAULT_TARGETS = ("logits", "at", "pooled")
 
 
 @dataclass
@@ -32,7 +34,7 @@ class CacheJob:
     data: str
     out: str
     taps: str | list[str] = "auto"
-    targets: tuple[str, ...] = ALL_TARGETS
+    targets: tuple[str, ...] = DEFAULT_TARGETS
     dct_variants: tuple[str, ...] = ("dft-abs",)
     views: int = 0
     augment: str = "auto"  # "auto" | "pad-crop" | "rrc"
@@ -45,7 +47,8 @@ class CacheJob:
     threads: int | None = None
     reduce: str = "graph"
     map_dtype: str = "float16"
-    vec_dtype: str = "float32"
+    vec_dtype: str | None = None  # None: pooled float16, full logits float32; a dtype: both
+    logits: str = "auto"  # "auto" | "full" | "topk:K" (auto: full up to 100 classes, else topk:TOPK_AUTO)
     shard: str | None = None
     card: str | None = None
     spec_overrides: dict[str, Any] = field(default_factory=dict)
@@ -53,6 +56,8 @@ class CacheJob:
     # onnxruntime's threads spin between operators (its default): the job runs one session and trains
     # nothing, and its preparation and write threads need little CPU (docs/benchmarks.md)
     spinning: bool = True
+    skip_bad: bool = False  # image folders: leave out files that do not decode (recorded in the manifest)
+    estimate: bool = False  # only say how large the cache will be; run nothing, write nothing
 
 
 def view_policy_for(job: CacheJob, size: tuple[int, int], image_side: int) -> Any:
@@ -71,6 +76,24 @@ def view_policy_for(job: CacheJob, size: tuple[int, int], image_side: int) -> An
     return ViewPolicy(kind=kind, size=size[0], pad=job.pad, flip=job.flip)
 
 
+TOPK_AUTO = 100  # top-K kept by --logits auto past 100 classes (docs/methods.md, "Compact logits")
+
+
+def logits_mode(spec: str, num_classes: int) -> int:
+    """K of ``--logits`` (0 = full logits) for a teacher with ``num_classes`` outputs."""
+    if spec == "full" or (spec == "auto" and num_classes <= 100):
+        return 0
+    if spec == "auto":
+        return min(TOPK_AUTO, num_classes)
+    kind, _, k = spec.partition(":")
+    if kind != "topk" or not k.isdigit() or not 1 <= int(k) <= num_classes:
+        raise KdpipeError(
+            f"--logits {spec!r}: use auto, full or topk:K with 1 <= K <= {num_classes} "
+            "(the teacher's classes)"
+        )
+    return 0 if int(k) == num_classes else int(k)
+
+
 def build_manifest(job: CacheJob, graph: Any, taps: list[Any], spec: Any, dataset: Any, policy: Any) -> dict:
     """The self-describing manifest: what was cached, from what, how, and the array layout."""
     num_views = max(job.views, 1)
@@ -78,8 +101,14 @@ def build_manifest(job: CacheJob, graph: Any, taps: list[Any], spec: Any, datase
         "labels": {"shape": [], "dtype": "int64", "per": "sample"},
         "view_params": {"shape": [5], "dtype": "int32", "per": "view"},
     }
-    if "logits" in job.targets:
-        arrays["logits"] = {"shape": [graph.num_classes], "dtype": job.vec_dtype, "per": "view"}
+    topk = logits_mode(job.logits, graph.num_classes) if "logits" in job.targets else 0
+    if "logits" in job.targets and not topk:
+        arrays["logits"] = {"shape": [graph.num_classes], "dtype": job.vec_dtype or "float32", "per": "view"}
+    elif topk:
+        index = "int16" if graph.num_classes <= 32767 else "int32"
+        arrays["logits.topk"] = {"shape": [topk], "dtype": "float16", "per": "view"}
+        arrays["logits.topk_index"] = {"shape": [topk], "dtype": index, "per": "view"}
+        arrays["logits.rest"] = {"shape": [1], "dtype": "float16", "per": "view"}
     for i, tap in enumerate(taps):
         c, h, w = tap.shape
         if "at" in job.targets:
@@ -88,7 +117,7 @@ def build_manifest(job: CacheJob, graph: Any, taps: list[Any], spec: Any, datase
             for v in job.dct_variants:
                 arrays[f"dct.{v}.{i}"] = {"shape": [h, w], "dtype": job.map_dtype, "per": "view"}
         if "pooled" in job.targets:
-            arrays[f"pooled.{i}"] = {"shape": [c], "dtype": job.vec_dtype, "per": "view"}
+            arrays[f"pooled.{i}"] = {"shape": [c], "dtype": job.vec_dtype or "float16", "per": "view"}
     chunk = job.chunk_size or max(1, 4096 // num_views)
     return {
         "kind": "kdpipe-teacher-cache",
@@ -111,6 +140,7 @@ def build_manifest(job: CacheJob, graph: Any, taps: list[Any], spec: Any, datase
             "at": {"definition": "l2normalize(mean_c(F**2)) per sample", "eps": ops.AT_EPS},
             "dct": {"variants": list(job.dct_variants), "eps": ops.DCT_EPS},
             "pooled": {"definition": "mean_hw(F)"},
+            "logits": {"top_k": topk, "rest": "mean of the other logits" if topk else None},
         },
         "teacher": {
             "sha256": graph.sha256,
@@ -122,6 +152,7 @@ def build_manifest(job: CacheJob, graph: Any, taps: list[Any], spec: Any, datase
             "spec": job.data,
             "fingerprint": dataset.fingerprint(),
             "class_names": dataset.class_names,
+            "skipped": list(getattr(dataset, "skipped", [])),
         },
         "views": {"policy": policy.to_dict(), "seed": job.seed, "count": job.views},
         # "run" is the one section a resume does not compare: where things were, which software.
@@ -232,7 +263,13 @@ def cache_teacher(job: CacheJob, log: Any = print) -> dict[str, Any]:
         raise KdpipeError(f"--views {job.views}: must be >= 0 (0 = the plain input)")
     graph = load_teacher(job.teacher)
     taps = resolve_taps(graph, job.taps) if {"at", "dct", "pooled"} & set(job.targets) else []
-    dataset = load_dataset(job.data)
+    dataset = load_dataset(job.data, skip_bad=job.skip_bad)
+    skipped = list(getattr(dataset, "skipped", []))
+    if skipped:
+        log(
+            f"--skip-bad: left out {len(skipped)} unreadable image(s) ({', '.join(skipped[:3])}"
+            f"{', ...' if len(skipped) > 3 else ''}); recorded in the manifest"
+        )
     spec = spec_for(graph, card=job.card, **job.spec_overrides)
     if graph.num_classes and dataset.num_classes > graph.num_classes:
         raise KdpipeError(
@@ -242,6 +279,8 @@ def cache_teacher(job: CacheJob, log: Any = print) -> dict[str, Any]:
     sizes = dataset.sizes()
     policy = view_policy_for(job, spec.size, int(sizes.max()) if len(sizes) else 0)
     manifest = build_manifest(job, graph, taps, spec, dataset, policy)
+    if job.estimate:
+        return estimate(manifest)
     shard = discover_shard(job.shard)
     writer = cache_mod.create_or_resume(job.out, manifest, shard=(shard.index, shard.count))
     pending = writer.pending_chunks()
@@ -289,7 +328,41 @@ def cache_teacher(job: CacheJob, log: Any = print) -> dict[str, Any]:
         writer.close()
     elapsed = time.perf_counter() - t0
     accuracy = (correct / seen) if seen else None
+    if accuracy is not None and dataset.num_classes > 1 and accuracy <= 1.0 / dataset.num_classes:
+        log(
+            f"WARNING: the teacher's top-1 on these views is {100 * accuracy:.2f}%, at or below chance "
+            f"({100 / dataset.num_classes:.2f}% for {dataset.num_classes} classes): wrong teacher, wrong "
+            "class order, or wrong preprocessing (check --card / --mean / --std / --bgr)"
+        )
     return _summary(job, manifest, shard, total_items, elapsed, accuracy, runner.providers)
+
+
+def top_k_logits(logits: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """(N,C) float32 logits -> their K largest values (largest first), classes, and the other
+    classes' mean: the arrays of ``--logits topk:K``."""
+    idx = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+    vals = np.take_along_axis(logits, idx, axis=1)
+    order = np.argsort(-vals, axis=1, kind="stable")
+    idx, vals = np.take_along_axis(idx, order, axis=1), np.take_along_axis(vals, order, axis=1)
+    c = logits.shape[1]
+    rest = (logits.sum(1, dtype=np.float64) - vals.sum(1, dtype=np.float64)) / max(c - k, 1)
+    return {"logits.topk": vals, "logits.topk_index": idx, "logits.rest": rest.astype(np.float32)[:, None]}
+
+
+def estimate(manifest: dict) -> dict[str, Any]:
+    """Bytes per view of each stored array and of the whole cache ``manifest`` describes."""
+    from kdpipe.cache import format as fmt
+
+    arrays = fmt.parse_arrays(manifest["arrays"])
+    n, v = manifest["num_samples"], manifest["num_views"]
+    return {
+        "estimate": True,
+        "arrays": {k: a.row_bytes(1) if a.per == "view" else a.row_bytes(v) / v for k, a in arrays.items()},
+        "bytes_per_view": fmt.bytes_per_view(arrays, v),
+        "samples": n,
+        "views": v,
+        "bytes": fmt.projected_bytes(arrays, n, v),
+    }
 
 
 def _store_and_write(writer: Any, manifest: dict, prep: _Prepared, out: dict[str, np.ndarray]) -> None:
@@ -300,8 +373,13 @@ def _store_and_write(writer: Any, manifest: dict, prep: _Prepared, out: dict[str
         "labels": prep.labels,
         "view_params": prep.params.reshape(n, num_views, 5).astype(np.int32),
     }
+    if "logits.topk" in manifest["arrays"]:
+        out = {**out, **top_k_logits(out["logits"], manifest["arrays"]["logits.topk"]["shape"][0])}
     for name, meta in manifest["arrays"].items():
         if name in arrays:
+            continue
+        if meta["dtype"].startswith("int"):
+            arrays[name] = out[name].astype(meta["dtype"]).reshape(n, num_views, *meta["shape"])
             continue
         try:
             # one thread: this runs beside the teacher, whose threads already use the cores

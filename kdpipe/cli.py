@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 from typing import Any
 
@@ -10,25 +12,62 @@ import click
 
 from kdpipe.errors import KdpipeError
 
+# OS errors that come from the user's environment (paths, permissions, space), not from a bug
+_USER_ERRNOS = {
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "check the path",
+    errno.EISDIR: "give a file, not a folder",
+    errno.EACCES: "check the permissions",
+    errno.EPERM: "check the permissions",
+    errno.EROFS: "the file system is read-only: choose a writable location",
+    errno.ENOSPC: "the disk is full: free some space, then run the same command again to resume",
+    errno.EDQUOT: "the disk quota is exceeded: free some space, then run the same command again",
+    errno.EFBIG: "the file size limit was reached (ulimit -f): raise it, then run the command again",
+}
+
+
+def os_error_line(e: OSError) -> str | None:
+    """One line for an OS error caused by the environment (None for anything else)."""
+    hint = _USER_ERRNOS.get(e.errno or -1)
+    if hint is None:
+        return None
+    where = f": {e.filename}" if e.filename else ""
+    return f"{e.strerror or e}{where}; {hint}"
+
 
 class _Group(click.Group):
-    """Turns KdpipeError (and a few OS errors that are user mistakes) into one clear line."""
+    """Turns KdpipeError (and OS errors that are user mistakes) into one clear line; --debug re-raises."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except KdpipeError as e:
+            if _debug(ctx):
+                raise
             click.echo(f"kdpipe: error: {e}", err=True)
             ctx.exit(e.exit_code)
+        except OSError as e:
+            line = os_error_line(e)
+            if line is None or _debug(ctx):
+                raise
+            click.echo(f"kdpipe: error: {line} (--debug shows the traceback)", err=True)
+            ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("kdpipe: interrupted; run the same command again to resume", err=True)
             ctx.exit(130)
 
 
+def _debug(ctx: click.Context) -> bool:
+    return bool((ctx.obj or {}).get("debug")) or os.environ.get("KDPIPE_DEBUG", "") not in ("", "0")
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="kdpipe")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="Show the Python traceback of an error (also KDPIPE_DEBUG=1).")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
     """kdpipe: cache a teacher's distillation targets once, train students from the cache."""
+    ctx.obj = {"debug": debug}
 
 
 @cli.command()
@@ -51,6 +90,14 @@ def doctor(as_json: bool, quiet: bool) -> None:
 
 
 # ----------------------------------------------------------------------------- teacher and cache
+
+
+def _images_x_views(text: str) -> tuple[int, int]:
+    """``"1281167x8"`` -> (1281167, 8)."""
+    a, _, b = text.lower().partition("x")
+    if not (a.strip().isdigit() and b.strip().isdigit()) or int(a) < 1 or int(b) < 1:
+        raise KdpipeError(f"--project {text!r}: expected IMAGESxVIEWS, e.g. 1281167x8")
+    return int(a), int(b)
 
 
 def _parse_kv(items: tuple[str, ...], what: str) -> dict[str, Any]:
@@ -94,7 +141,12 @@ def inspect(teacher: str) -> None:
     show_default=True,
     help="auto, or comma-separated tensor names, torch module paths, or re:REGEX.",
 )
-@click.option("--targets", default="logits,at,dct,pooled", show_default=True, help="Which targets to cache.")
+@click.option(
+    "--targets",
+    default="logits,at,pooled",
+    show_default=True,
+    help="Which targets to cache (add dct to store DCT targets; by default distill derives them from at).",
+)
 @click.option(
     "--dct-variant",
     default="dft-abs",
@@ -143,11 +195,19 @@ def inspect(teacher: str) -> None:
 )
 @click.option(
     "--vec-dtype",
-    default="float32",
-    show_default=True,
+    default=None,
     type=click.Choice(["float16", "bfloat16", "float32"]),
-    help="Storage dtype of pooled/logits.",
+    help="Storage dtype of pooled vectors and full logits [default: pooled float16, logits float32].",
 )
+@click.option(
+    "--logits",
+    "logits_mode",
+    default="auto",
+    show_default=True,
+    help="full, topk:K (the K largest logits + the others' mean), or auto (full up to 100 classes, "
+    "else topk:100).",
+)
+@click.option("--estimate", is_flag=True, help="Print the bytes per view and the cache's size; run nothing.")
 @click.option("--shard", default=None, help="INDEX/COUNT of an array job (default: Slurm/Kubernetes env).")
 @click.option("--card", type=click.Path(), default=None, help="YAML teacher card (preprocessing).")
 @click.option("--input-size", type=int, default=None, help="Teacher input side (px), if not in the graph.")
@@ -156,6 +216,11 @@ def inspect(teacher: str) -> None:
 @click.option("--std", default=None, help="Per-channel std after scaling.")
 @click.option("--bgr", is_flag=True, help="The teacher expects BGR channel order.")
 @click.option("--no-progress", is_flag=True)
+@click.option(
+    "--skip-bad",
+    is_flag=True,
+    help="Image folders: leave out files that do not decode (listed in the manifest).",
+)
 def cache_teacher_cmd(
     teacher: str,
     data: str,
@@ -175,7 +240,9 @@ def cache_teacher_cmd(
     spin: bool,
     reduce: str,
     map_dtype: str,
-    vec_dtype: str,
+    vec_dtype: str | None,
+    logits_mode: str,
+    estimate: bool,
     shard: str | None,
     card: str | None,
     input_size: int | None,
@@ -184,6 +251,7 @@ def cache_teacher_cmd(
     std: str | None,
     bgr: bool,
     no_progress: bool,
+    skip_bad: bool,
 ) -> None:
     """Run TEACHER (an ONNX file) once over --data and cache its distillation targets in --out."""
     from kdpipe.cache_teacher import CacheJob, cache_teacher
@@ -219,12 +287,18 @@ def cache_teacher_cmd(
         reduce=reduce,
         map_dtype=map_dtype,
         vec_dtype=vec_dtype,
+        logits=logits_mode,
+        estimate=estimate,
         shard=shard,
         card=card,
         spec_overrides=overrides,
         progress=not no_progress,
+        skip_bad=skip_bad,
     )
     s = cache_teacher(job, log=lambda m: click.echo(m, err=True))
+    if s.get("estimate"):
+        click.echo(_estimate_text(s))
+        return
     acc = s["teacher_accuracy"]
     click.echo(
         f"cached {s['items_done']} item(s) ({s['samples']} samples x {s['views']} view(s), "
@@ -232,6 +306,14 @@ def cache_teacher_cmd(
         f"in {s['seconds']:.1f} s ({s['items_per_s'] or 0:,.0f} img/s); "
         f"{(s['bytes_on_disk'] or 0) / 2**20:.1f} MiB on disk; complete: {s['complete']}"
         + (f"; teacher top-1 on these views: {100 * acc:.2f}%" if acc is not None else "")
+    )
+
+
+def _estimate_text(s: dict[str, Any]) -> str:
+    parts = ", ".join(f"{k} {v:,.0f}" for k, v in s["arrays"].items())
+    return (
+        f"{s['bytes_per_view']:,.0f} bytes per view ({parts}); this cache: {s['samples']:,} samples x "
+        f"{s['views']} view(s) = {s['bytes'] / 2**20:,.1f} MiB"
     )
 
 
@@ -243,11 +325,17 @@ def cache() -> None:
 @cache.command("info")
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True)
-def cache_info(path: str, as_json: bool) -> None:
-    """Summary of a cache: samples, views, taps, arrays, bytes, completeness."""
+@click.option(
+    "--project",
+    default="1281167x8",
+    show_default=True,
+    help="IMAGESxVIEWS: the size of a cache with these targets over that many items (ImageNet-1k x 8).",
+)
+def cache_info(path: str, as_json: bool, project: str) -> None:
+    """Summary of a cache: samples, views, taps, arrays, bytes per view, projected size, completeness."""
     from kdpipe import cache as cache_mod
 
-    info = cache_mod.info(path)
+    info = cache_mod.info(path, project=_images_x_views(project))
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
         return
@@ -362,6 +450,11 @@ def cache_merge(src: str, dst: str) -> None:
     "--checkpoint-every", default=0, help="Steps between mid-epoch checkpoints (default: at epoch ends only)."
 )
 @click.option("--no-tensorboard", is_flag=True, help="Write no TensorBoard event files (RUN/tensorboard/).")
+@click.option(
+    "--no-verify",
+    is_flag=True,
+    help="Skip the crc32 check of the cached arrays at start (only after `kdpipe cache verify`).",
+)
 def distill_cmd(**opts: Any) -> None:
     """Train a student from a teacher cache (or from an online teacher, for comparison)."""
     from kdpipe.train import distill
@@ -389,6 +482,7 @@ def _distill_config(opts: dict[str, Any]) -> Any:
         ("no_export", "export_onnx"),
         ("no_progress", "progress"),
         ("no_tensorboard", "tensorboard"),
+        ("no_verify", "verify"),
     ):
         o[name] = not o.pop(flag)
     return DistillConfig(**o)

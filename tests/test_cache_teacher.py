@@ -24,7 +24,7 @@ import pytest
 from click.testing import CliRunner
 
 import kdpipe.cache
-from kdpipe.cache_teacher import CacheJob, cache_teacher
+from kdpipe.cache_teacher import ALL_TARGETS, DEFAULT_TARGETS, CacheJob, cache_teacher
 from kdpipe.cli import cli
 from kdpipe.errors import KdpipeError
 
@@ -173,6 +173,8 @@ def _kdpipe(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 
 def _quiet_job(**kw: object) -> dict:
+    """A job caching every target kind (the default leaves DCT out: distill derives it)."""
+    kw = {"targets": ALL_TARGETS, "vec_dtype": "float32", **kw}
     return cache_teacher(CacheJob(progress=False, threads=1, **kw), log=lambda _m: None)  # type: ignore[arg-type]
 
 
@@ -335,7 +337,16 @@ def test_killed_run_resumes_without_redoing_chunks(tmp_path):
     assert kdpipe.cache.open(out).verify() == []
 
     clean = tmp_path / "clean"
-    _quiet_job(teacher=teacher, data=str(npz), out=str(clean), chunk_size=4, views=2, pad=PAD)
+    _quiet_job(
+        teacher=teacher,
+        data=str(npz),
+        out=str(clean),
+        chunk_size=4,
+        views=2,
+        pad=PAD,
+        targets=DEFAULT_TARGETS,
+        vec_dtype=None,
+    )  # what the CLI's defaults cache
     for p in sorted((clean / SHARD).glob("*.npy")):
         np.testing.assert_array_equal(np.load(out / SHARD / p.name), np.load(p), err_msg=p.name)
 

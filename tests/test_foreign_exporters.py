@@ -164,6 +164,7 @@ def test_cache_teacher_targets_match_the_framework(tmp_path, name, reduce, dtype
     args = ["cache-teacher", path, "--data", str(data), "--out", str(out), "--taps", "auto", *_flags(ref)]
     args += ["--views", "0", "--reduce", reduce, "--dtype", dtype, "--batch-size", str(batch)]
     args += ["--dct-variant", ",".join(VARIANTS), "--threads", "1", "--no-progress"]
+    args += ["--targets", "logits,at,dct,pooled", "--vec-dtype", "float32"]  # every kind, checked below
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0, r.output
 

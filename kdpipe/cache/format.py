@@ -34,6 +34,7 @@ STORAGE: dict[str, np.dtype] = {
     "float32": np.dtype("<f4"),
     "float16": np.dtype("<f2"),
     "bfloat16": np.dtype("<u2"),
+    "int16": np.dtype("<i2"),
     "int32": np.dtype("<i4"),
     "int64": np.dtype("<i8"),
 }
@@ -112,8 +113,11 @@ def _write_tmp(path: Path, data: bytes) -> Path:
         while view:
             view = view[os.write(fd, view) :]
         os.fsync(fd)
-    finally:
+    except BaseException:  # a full disk mid-write: leave no temp file behind
         os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
     return tmp
 
 
@@ -404,3 +408,16 @@ def ranges(values: list[int] | set[int]) -> str:
 def byte_view(a: np.ndarray) -> memoryview:
     """The bytes of a C-contiguous array as a flat memoryview (no copy)."""
     return np.ascontiguousarray(a).reshape(-1).view(np.uint8).data
+
+
+def bytes_per_view(arrays: dict[str, ArraySpec], num_views: int) -> float:
+    """Stored bytes per (sample, view): every per-view array's row, plus per-sample rows / views."""
+    per_view = sum(a.row_bytes(1) for a in arrays.values() if a.per == "view")
+    per_sample = sum(a.row_bytes(num_views) for a in arrays.values() if a.per != "view")
+    return per_view + per_sample / max(num_views, 1)
+
+
+def projected_bytes(arrays: dict[str, ArraySpec], num_samples: int, num_views: int) -> int:
+    """Data bytes of a cache with these arrays over ``num_samples`` samples x ``num_views`` views
+    (headers, journal and manifest add a few KB)."""
+    return num_samples * sum(a.row_bytes(num_views) for a in arrays.values())

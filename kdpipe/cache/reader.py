@@ -419,8 +419,9 @@ def _disk_bytes(root: Path) -> int:
     return total
 
 
-def info(path: str | os.PathLike) -> dict:
-    """Summary of a cache (complete or not): sizes, taps, arrays, completeness, shard progress."""
+def info(path: str | os.PathLike, project: tuple[int, int] | None = None) -> dict:
+    """Summary of a cache (complete or not): sizes, bytes per view, taps, arrays, completeness, shard
+    progress; with ``project=(images, views)`` also the data bytes of such a cache at that size."""
     c = Cache(path, require_complete=False)
     lay, n, V = c.layout, c.layout.num_samples, c.layout.num_views
     arrays = {
@@ -445,6 +446,7 @@ def info(path: str | os.PathLike) -> dict:
         "taps": c.taps,
         "arrays": arrays,
         "bytes_on_disk": _disk_bytes(c.path),
+        "bytes_per_view": round(fmt.bytes_per_view(lay.arrays, V), 1),
         "complete": c.complete,
         "shards": {
             "count": lay.num_shards,
@@ -454,4 +456,15 @@ def info(path: str | os.PathLike) -> dict:
             "missing": missing_text(c.shards, lay.num_shards),
         },
         **{k: c.manifest[k] for k in ("teacher", "dataset", "views") if k in c.manifest},
+        **(
+            {
+                "projected": {
+                    "images": project[0],
+                    "views": project[1],
+                    "bytes": fmt.projected_bytes(lay.arrays, *project),
+                }
+            }
+            if project
+            else {}
+        ),
     }

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 import zlib
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from kdpipe.cache import format as fmt
-from kdpipe.cache.reader import Cache, read_manifest, shard_state
+from kdpipe.cache.reader import Cache, ShardState, read_manifest, shard_state
 from kdpipe.cache.writer import create_or_resume
 from kdpipe.errors import KdpipeError
+from kdpipe.ops import allowed_cpus
 
 _READ_BLOCK = 16 << 20
 
@@ -28,84 +31,106 @@ def _crc_region(fd: int, offset: int, size: int) -> tuple[int, int]:
     return crc, got
 
 
-def verify(path: str | os.PathLike) -> list[str]:
+def verify(
+    path: str | os.PathLike,
+    arrays: Iterable[str] | None = None,
+    threads: int | None = None,
+    part: tuple[int, int] = (0, 1),
+) -> list[str]:
     """Every problem found in the cache at ``path`` (empty list: intact and complete).
 
     Checks the manifest seal, each shard's journal lines and COMPLETE.json seals, each .npy header
     byte for byte against the manifest, file sizes, and the crc32 of every written chunk of every array
     against the journal (so any flipped byte is found); reports missing files and unfinished shards.
+    ``arrays``: check only these stored arrays (default: all). ``threads``: files hashed in parallel
+    (zlib's crc32 releases the GIL; default: the CPUs this process may use, at most 8).
+    ``part=(k, n)``: hash only every n-th file starting at k (DDP ranks split the work).
     """
     root = Path(path)
     try:
         manifest, lay = read_manifest(root)
     except KdpipeError as e:
         return [str(e)]
+    names = list(lay.arrays) if arrays is None else [a for a in arrays if a in lay.arrays]
     problems: list[str] = []
-    n = lay.num_shards
-    for i in range(n):
+    jobs: list[tuple[str, Path, int, dict[int, dict[str, int]], str]] = []
+    for i in range(lay.num_shards):
         st = shard_state(root, manifest, lay, i)
-        sname = f"shard {fmt.shard_dirname(i, n)}"
+        sname = f"shard {fmt.shard_dirname(i, lay.num_shards)}"
         if not st.exists:
             problems.append(f"{sname}: not started (folder {st.dir} missing)")
             continue
-        journal = fmt.read_journal(st.dir / fmt.JOURNAL)
-        for k in journal.bad_lines:
-            problems.append(
-                f"{sname}: {fmt.JOURNAL} line {k} is damaged (seal mismatch); its chunk counts as missing"
-            )
-        if journal.torn_tail:
-            problems.append(
-                f"{sname}: {fmt.JOURNAL} ends in a torn line (interrupted write); resume redoes it"
-            )
-        crcs: dict[int, dict[str, int]] = {c: journal.done[c] for c in st.done}
-        cpath = st.dir / fmt.COMPLETE
-        if cpath.exists() and st.complete_doc is None:
-            problems.append(f"{sname}: {fmt.COMPLETE} is damaged or belongs to another manifest")
-        if st.missing:
-            problems.append(f"{sname}: chunks {fmt.ranges(st.missing)} not written (incomplete)")
-        elif not st.complete:
-            problems.append(f"{sname}: all chunks written but shard not finished (no valid {fmt.COMPLETE})")
-        if st.complete_doc is not None:
-            for name, a in st.complete_doc.get("arrays", {}).items():
-                listed = a.get("chunk_crc32", [])
-                for c, crc in zip(st.chunks, listed, strict=False):
-                    if c in crcs and crcs[c].get(name) != crc:
-                        problems.append(
-                            f"{sname}: chunk {c} array {name!r}: journal and {fmt.COMPLETE} disagree"
-                        )
-                    crcs.setdefault(c, {}).setdefault(name, crc)
-        for name, spec in lay.arrays.items():
-            fpath = st.dir / f"{name}.npy"
-            header = fmt.npy_header(spec.np_dtype, lay.file_shape(name, i))
-            total = len(header) + lay.data_bytes(name, i)
-            if not fpath.is_file():
-                problems.append(f"{sname}: file {fpath.name} missing")
+        crcs = _shard_records(st, sname, problems)
+        for name in names:
+            jobs.append((sname, st.dir / f"{name}.npy", i, crcs, name))
+    jobs = jobs[part[0] :: part[1]]
+    workers = max(1, min(8, threads or allowed_cpus(), len(jobs)))
+    with ThreadPoolExecutor(workers) as pool:
+        for found in pool.map(lambda j: _check_file(lay, *j), jobs):
+            problems.extend(found)
+    return problems
+
+
+def _shard_records(st: ShardState, sname: str, problems: list[str]) -> dict[int, dict[str, int]]:
+    """Chunk -> array -> recorded crc32 from the journal and COMPLETE.json; appends what is wrong."""
+    journal = fmt.read_journal(st.dir / fmt.JOURNAL)
+    for k in journal.bad_lines:
+        problems.append(
+            f"{sname}: {fmt.JOURNAL} line {k} is damaged (seal mismatch); its chunk counts as missing"
+        )
+    if journal.torn_tail:
+        problems.append(f"{sname}: {fmt.JOURNAL} ends in a torn line (interrupted write); resume redoes it")
+    crcs: dict[int, dict[str, int]] = {c: journal.done[c] for c in st.done}
+    if (st.dir / fmt.COMPLETE).exists() and st.complete_doc is None:
+        problems.append(f"{sname}: {fmt.COMPLETE} is damaged or belongs to another manifest")
+    if st.missing:
+        problems.append(f"{sname}: chunks {fmt.ranges(st.missing)} not written (incomplete)")
+    elif not st.complete:
+        problems.append(f"{sname}: all chunks written but shard not finished (no valid {fmt.COMPLETE})")
+    if st.complete_doc is not None:
+        for name, a in st.complete_doc.get("arrays", {}).items():
+            listed = a.get("chunk_crc32", []) if isinstance(a, dict) else []
+            for c, crc in zip(st.chunks, listed, strict=False):
+                if c in crcs and crcs[c].get(name) != crc:
+                    problems.append(f"{sname}: chunk {c} array {name!r}: journal and {fmt.COMPLETE} disagree")
+                crcs.setdefault(c, {}).setdefault(name, crc)
+    return crcs
+
+
+def _check_file(
+    lay: fmt.Layout, sname: str, fpath: Path, i: int, crcs: dict[int, dict[str, int]], name: str
+) -> list[str]:
+    """Problems of one array file of shard ``i``: header, size, and the crc32 of each recorded chunk."""
+    spec = lay.arrays[name]
+    header = fmt.npy_header(spec.np_dtype, lay.file_shape(name, i))
+    total = len(header) + lay.data_bytes(name, i)
+    if not fpath.is_file():
+        return [f"{sname}: file {fpath} missing"]
+    problems = []
+    fd = os.open(fpath, os.O_RDONLY)
+    try:
+        if os.pread(fd, len(header), 0) != header:
+            problems.append(f"{sname}: file {fpath}: .npy header damaged or does not match the manifest")
+        size = os.fstat(fd).st_size
+        if size != total:
+            problems.append(f"{sname}: file {fpath} has {size} bytes, expected {total}")
+        row = spec.row_bytes(lay.num_views)
+        s_base = lay.shard_samples(i)[0]
+        for c in sorted(crcs):
+            want = crcs[c].get(name)
+            s0, s1 = lay.chunk_range(c)
+            if want is None:
+                problems.append(f"{sname}: chunk {c} array {name!r}: no checksum recorded")
                 continue
-            fd = os.open(fpath, os.O_RDONLY)
-            try:
-                if os.pread(fd, len(header), 0) != header:
-                    problems.append(
-                        f"{sname}: file {fpath.name}: .npy header damaged or does not match the manifest"
-                    )
-                size = os.fstat(fd).st_size
-                if size != total:
-                    problems.append(f"{sname}: file {fpath.name} has {size} bytes, expected {total}")
-                row = spec.row_bytes(lay.num_views)
-                s_base = lay.shard_samples(i)[0]
-                for c in sorted(crcs):
-                    want = crcs[c].get(name)
-                    s0, s1 = lay.chunk_range(c)
-                    if want is None:
-                        problems.append(f"{sname}: chunk {c} array {name!r}: no checksum recorded")
-                        continue
-                    crc, got = _crc_region(fd, len(header) + (s0 - s_base) * row, (s1 - s0) * row)
-                    if got != (s1 - s0) * row or crc != want:
-                        problems.append(
-                            f"{sname}: chunk {c} (samples {s0}-{s1 - 1}) array {name!r}: crc32 {crc:08x} != "
-                            f"recorded {want:08x}: damaged data; delete the shard folder, rerun to rewrite"
-                        )
-            finally:
-                os.close(fd)
+            crc, got = _crc_region(fd, len(header) + (s0 - s_base) * row, (s1 - s0) * row)
+            if got != (s1 - s0) * row or crc != want:
+                problems.append(
+                    f"file {fpath} chunk {c} (samples {s0}-{s1 - 1}) array {name!r}: crc32 {crc:08x} != "
+                    f"recorded {want:08x}: damaged data; delete the shard folder {fpath.parent} and rerun "
+                    "the cache-teacher command to rewrite it"
+                )
+    finally:
+        os.close(fd)
     return problems
 
 

@@ -331,12 +331,24 @@ def create_or_resume(path: str | os.PathLike, manifest: dict, shard: tuple[int, 
     fmt.layout_of(caller, n)  # validates
     if root.exists() and not root.is_dir():
         raise KdpipeError(f"--out {root} is a file, not a folder; choose a folder for the cache")
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".kdpipe-write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise KdpipeError(
+            f"cannot write the cache folder --out {root} ({e.strerror or e}); choose a folder you can "
+            "write to"
+        ) from None
     mpath = root / fmt.MANIFEST
     if not mpath.exists():
         # another worker of the same array job may create the manifest (then shards/) meanwhile
         others = [
-            e for e in os.listdir(root) if not (e.startswith(f".{fmt.MANIFEST}.") and e.endswith(".tmp"))
+            e
+            for e in os.listdir(root)
+            if not (e.startswith(f".{fmt.MANIFEST}.") and e.endswith(".tmp"))
+            and not e.startswith(".kdpipe-write-test.")  # another worker's probe
         ]
         if not others:
             fmt.write_json_atomic(mpath, fmt.full_manifest(caller, n, __version__), exclusive=True)

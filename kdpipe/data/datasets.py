@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -89,21 +90,22 @@ def _has_split_folders(root: Path) -> bool:
     return (root / "train").is_dir() and bool(scan_classes(root / "train"))
 
 
-def load_folder(path: str | Path, split: str = "train") -> FolderDataset:
-    """Dataset from an image folder; see the module docstring."""
+def load_folder(path: str | Path, split: str = "train", **skip: Any) -> FolderDataset:
+    """Dataset from an image folder; see the module docstring. ``skip``: FolderDataset's
+    ``skip_bad`` and ``exclude``."""
     root = Path(path)
     if _has_split_folders(root):
         train_classes = scan_classes(root / "train")
         if split == "train":
-            return FolderDataset(root / "train", _display_name(root, split))
+            return FolderDataset(root / "train", _display_name(root, split), **skip)
         if not (root / "val").is_dir():
             raise KdpipeError(f"{root} has a train/ folder but no val/ folder for the ':val' split")
-        return FolderDataset(root / "val", _display_name(root, split), class_names=train_classes)
+        return FolderDataset(root / "val", _display_name(root, split), class_names=train_classes, **skip)
     if split == "val":
         raise KdpipeError(
             f"{root}: the ':val' split needs train/ and val/ sub-folders, each with class sub-folders"
         )
-    return FolderDataset(root, _display_name(root, split))
+    return FolderDataset(root, _display_name(root, split), **skip)
 
 
 def available_builtins() -> list[str]:
@@ -111,15 +113,19 @@ def available_builtins() -> list[str]:
     return sorted(BUILTINS)
 
 
-def load_dataset(spec: str) -> Dataset:
-    """Open the dataset named by ``spec`` (see the module docstring). Unknown or unusable -> KdpipeError."""
+def load_dataset(spec: str, skip_bad: bool = False, exclude: tuple[str, ...] | list[str] = ()) -> Dataset:
+    """Open the dataset named by ``spec`` (see the module docstring). Unknown or unusable -> KdpipeError.
+
+    Image folders only: ``skip_bad`` leaves out the files that do not decode (listed in
+    ``dataset.skipped``); ``exclude`` leaves out these relative paths (a cache's record of them).
+    """
     spec = spec.strip()
     base, split = _split_spec(spec)
     if base in BUILTINS:
         return BUILTINS[base](split)
     path = Path(base).expanduser()
     if path.is_dir():
-        return load_folder(path, split)
+        return load_folder(path, split, skip_bad=skip_bad, exclude=tuple(exclude))
     if path.is_file():
         if path.suffix.lower() == ".npz":
             return load_npz(path, split)

@@ -57,7 +57,13 @@ class FolderDataset(Dataset):
     """
 
     def __init__(
-        self, root: str | Path, name: str, class_names: list[str] | None = None, workers: int | None = None
+        self,
+        root: str | Path,
+        name: str,
+        class_names: list[str] | None = None,
+        workers: int | None = None,
+        skip_bad: bool = False,
+        exclude: tuple[str, ...] | list[str] = (),
     ) -> None:
         self.root = Path(root)
         self.name = name
@@ -101,6 +107,31 @@ class FolderDataset(Dataset):
         self._sha: str | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+        self.skipped: list[str] = []  # relative paths left out (--skip-bad, or a cache's record of them)
+        if exclude:
+            self._drop(set(exclude))
+        if skip_bad:
+            ok = list(self._executor().map(self._readable, self.files))
+            self._drop({rel for rel, good in zip(self.files, ok, strict=True) if not good})
+
+    def _readable(self, rel: str) -> bool:
+        """Whether the file decodes completely (a full decode: truncated data fails only there)."""
+        try:
+            with Image.open(self.root / rel) as im:
+                im.load()
+            return True
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+            return False
+
+    def _drop(self, bad: set[str]) -> None:
+        keep = [k for k, rel in enumerate(self.files) if rel not in bad]
+        self.skipped = sorted(set(self.skipped) | (bad & set(self.files)))
+        self.files = [self.files[k] for k in keep]
+        self.labels = self.labels[keep]
+        if not self.files:
+            raise KdpipeError(
+                f"dataset folder {self.root}: no readable image left after skipping unreadable ones"
+            )
 
     # -- pickling (for DataLoader workers): drop the thread pool and lock -----------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -131,7 +162,7 @@ class FolderDataset(Dataset):
                 return h, w, im.mode
         except (OSError, UnidentifiedImageError) as e:
             raise KdpipeError(
-                f"cannot read image header of {path}: {e}; remove or replace the file"
+                f"cannot read image header of {path}: {e}; remove or replace the file, or pass --skip-bad"
             ) from None
 
     def _scan_headers(self) -> None:
@@ -159,7 +190,9 @@ class FolderDataset(Dataset):
             with Image.open(path) as im:
                 arr = np.asarray(im.convert(mode), dtype=np.uint8)
         except (OSError, UnidentifiedImageError, ValueError) as e:
-            raise KdpipeError(f"cannot decode image {path}: {e}; remove or replace the file") from None
+            raise KdpipeError(
+                f"cannot decode image {path}: {e}; remove or replace the file, or pass --skip-bad"
+            ) from None
         return arr[:, :, None] if arr.ndim == 2 else arr
 
     def load(self, indices: np.ndarray) -> np.ndarray | list[np.ndarray]:

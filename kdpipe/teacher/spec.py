@@ -114,7 +114,10 @@ def _size(value: Any, graph: TeacherGraph | None, where: str) -> tuple[int, int]
     if graph is not None:
         want = (graph.input.height, graph.input.width)
         if None not in want and size != want:
-            raise KdpipeError(f"{where}: input_size {list(size)} differs from the model's input {list(want)}")
+            raise KdpipeError(
+                f"{where}: input_size {list(size)} differs from the model's input {list(want)}; leave "
+                "input_size out to use the model's"
+            )
     return size
 
 
@@ -149,6 +152,13 @@ def from_flags(
             f"{where}: channels={channels} layout={layout} differ from the model input "
             f"({graph.input.channels} channels, {graph.input.layout})"
         )
+    for label, vals in (("mean", mean), ("std", std)):
+        n = len(np.atleast_1d(np.asarray(vals, dtype=object)))
+        if n not in (1, int(channels)):
+            raise KdpipeError(
+                f"{where}: {label} has {n} values but the teacher input has {channels} channel(s); "
+                + ("give 1 value" if int(channels) == 1 else f"give 1 or {channels} values")
+            )
     norm = Normalize(
         scale=parse_scale(scale),
         mean=_floats(mean, "mean", where),
@@ -227,4 +237,5 @@ def spec_for(graph: TeacherGraph, card: str | None = None, **overrides: Any) -> 
         meta = _metadata_card(graph)
         base, where = (meta, f"{METADATA_KEY} metadata of {graph.path!r}") if meta else ({}, "teacher flags")
     merged = {**base, **{k: v for k, v in overrides.items() if v is not None}}
-    return _from_card(merged, graph, where if not overrides else f"{where} with flags")
+    flags = "command-line flags" if where == "teacher flags" else f"{where} with command-line flags"
+    return _from_card(merged, graph, where if not overrides else flags)

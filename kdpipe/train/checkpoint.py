@@ -10,9 +10,11 @@ the checksum, and either way the resume says so in one line and takes the next n
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,18 +49,31 @@ def tensor_digest(obj: Any) -> str:
 
 
 def write_atomic(path: Path, state: dict[str, Any]) -> None:
-    """torch.save to a temporary file, fsync, rename over ``path``, fsync the folder."""
-    tmp = path.with_name(f"{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save({**state, "tensor_sha256": tensor_digest(state)}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
+    """torch.save to a temporary file, fsync, rename over ``path``, fsync the folder. A full disk is
+    one clear line (KdpipeError); the previous file stays and no temporary file is left."""
+    tmp = path.with_suffix(".tmp")
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        with open(tmp, "wb") as f:
+            torch.save({**state, "tensor_sha256": tensor_digest(state)}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        free = shutil.disk_usage(path.parent).free
+        if isinstance(e, RuntimeError) and free > 64 << 20:
+            raise  # torch's own failure, not a full disk
+        raise KdpipeError(
+            f"cannot write checkpoint {path}: disk full ({free / 2**20:.1f} MiB free); the previous "
+            "checkpoint is kept: free some space and run the same command with --resume"
+        ) from None
 
 
 def read_checked(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:

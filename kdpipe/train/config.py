@@ -61,6 +61,7 @@ class DistillConfig:
     log_every: int = 0  # steps between records in step_metrics.jsonl; 0 = about 50 per epoch
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0 = at epoch ends only
     tensorboard: bool = True  # write RUN/tensorboard/ when the tensorboard package is installed
+    verify: bool = True  # check every chunk's crc32 of the arrays used before training (--no-verify)
 
 
 def per_rank_batch(cfg: DistillConfig, world_size: int) -> int:
@@ -83,6 +84,7 @@ def per_rank_batch(cfg: DistillConfig, world_size: int) -> int:
 # is compared as the global batch (per-process batch x processes), so the world size may change.
 RESUME_FREE = {
     "resume",
+    "verify",
     "progress",
     "workers",
     "threads",

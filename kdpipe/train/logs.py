@@ -33,9 +33,18 @@ def _tensorboard(folder: Path, purge_step: int | None) -> Any:
 
 
 def _keep_lines(path: Path, keep: Any) -> None:
+    """Rewrite a .jsonl log with the records ``keep`` accepts, dropping lines torn by a crash or a full
+    disk mid-write."""
     if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-        path.write_text("".join(ln + "\n" for ln in lines if keep(json.loads(ln))))
+        records = [r for ln in path.read_text().splitlines() if ln.strip() and (r := _record(ln)) is not None]
+        path.write_text("".join(json.dumps(r) + "\n" for r in records if keep(r)))
+
+
+def _record(line: str) -> dict[str, Any] | None:
+    try:
+        return dict(json.loads(line))
+    except ValueError:
+        return None
 
 
 class RunLog:

@@ -24,6 +24,7 @@ from kdpipe.batches import BatchSource, EpochKeys, loader
 from kdpipe.distributed import WorldInfo
 from kdpipe.errors import KdpipeError
 from kdpipe.progress import Progress
+from kdpipe.targets import TargetPlan
 from kdpipe.train.checkpoint import Checkpoints
 from kdpipe.train.config import DistillConfig, check_resumable, per_rank_batch
 from kdpipe.train.ddp import barrier, mean_over_ranks, pick_device, start_world, stop_world
@@ -79,7 +80,7 @@ class Run:
     params: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
     precision: Precision
-    names: list[str]  # teacher arrays the method reads
+    plan: TargetPlan  # teacher arrays the method reads (plan.read) and derives (plan.complete)
     source: BatchSource
     val_source: BatchSource | None
     sampler: EpochKeys
@@ -121,7 +122,8 @@ def train_step(run: Run, batch: dict[str, Any], lr: float) -> dict[str, float]:
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = batch["y"].to(device, non_blocking=True)
-    teacher = {k: v.to(device, non_blocking=True) for k, v in run.teacher.targets(batch, run.names).items()}
+    gathered = run.teacher.targets(batch, run.plan.read)
+    teacher = run.plan.complete({k: v.to(device, non_blocking=True) for k, v in gathered.items()})
     with run.precision.autocast(device):
         loss, terms, _ = run.model(x, y, teacher)
     optimizer.zero_grad(set_to_none=True)
@@ -226,8 +228,6 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
 
 def setup(cfg: DistillConfig, world: WorldInfo, log: Log) -> Run:
     """Build every piece of the run, restore a checkpoint on --resume, and say what will be trained."""
-    from kdpipe.data import load_dataset
-
     device = pick_device(cfg.device, world)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -239,9 +239,13 @@ def setup(cfg: DistillConfig, world: WorldInfo, log: Log) -> Run:
         ckpts.folder.mkdir(parents=True, exist_ok=True)
     if ckpts.holds_a_run() and not cfg.resume:
         raise KdpipeError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-    dataset = load_dataset(cfg.data)
-    teacher = open_teacher(cfg, dataset)
-    method, names = parse_run_method(cfg, teacher)
+    teacher, dataset = open_teacher(cfg)
+    if batch * world.world_size > len(dataset):
+        raise KdpipeError(
+            f"--batch-size {batch} x {world.world_size} process(es) exceeds the {len(dataset)} "
+            f"samples of --data {cfg.data!r}: lower --batch-size"
+        )
+    method, plan = parse_run_method(cfg, teacher)
     norm = student_normalize(teacher.normalize)
     num_classes = teacher.num_classes or dataset.num_classes
     student = build_student(cfg, num_classes, norm.channels, teacher.policy.size, world.distributed)
@@ -253,13 +257,13 @@ def setup(cfg: DistillConfig, world: WorldInfo, log: Log) -> Run:
         model = nn.parallel.DistributedDataParallel(
             module, device_ids=[device.index] if device.type == "cuda" else None
         )
-    source = BatchSource(dataset, teacher.policy, norm, cache=teacher.cache, target_names=tuple(names),
+    source = BatchSource(dataset, teacher.policy, norm, cache=teacher.cache, target_names=tuple(plan.read),
                          view_seed=teacher.view_seed, keep_uint8=teacher.needs_uint8)  # fmt: skip
     sampler = EpochKeys()
     workers = 0 if teacher.needs_uint8 else cfg.workers  # the online teacher runs in this process
     run = Run(cfg=cfg, world=world, device=device, out=out, batch=batch, teacher=teacher, student=student,
               module=module, model=model, params=params, optimizer=make_optimizer(cfg, params),
-              precision=Precision.of(cfg.amp, device), names=names, source=source,
+              precision=Precision.of(cfg.amp, device), plan=plan, source=source,
               val_source=val_source(cfg, teacher.policy.size, norm), sampler=sampler,
               loader=loader(source, sampler, workers, device.type == "cuda"), ckpts=ckpts,
               logs=RunLog(out, world.is_main, cfg.tensorboard),
@@ -273,6 +277,8 @@ def setup(cfg: DistillConfig, world: WorldInfo, log: Log) -> Run:
             log(f"WARNING: {cfg.epochs} epochs over {teacher.num_views} cached view(s): each view is reused "
                 f"{cfg.epochs / teacher.num_views:.0f}x (the 'fixed teacher' regime, known to overfit); "
                 "cache more views with --views")  # fmt: skip
+    # after every other check, so that a user mistake never waits for this read
+    teacher.verify([*plan.read, "labels", "view_params"], cfg.verify, world, log)
     return run
 
 

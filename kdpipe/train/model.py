@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from kdpipe.errors import KdpipeError
+from kdpipe.targets import TargetPlan
 from kdpipe.train.config import DistillConfig
 from kdpipe.train.teacher import TeacherSource
 
@@ -49,21 +50,22 @@ class DistillModule(nn.Module):
         return loss, terms, logits
 
 
-def parse_run_method(cfg: DistillConfig, teacher: TeacherSource) -> tuple[Any, list[str]]:
-    """The method of ``cfg`` and the names of the teacher arrays it reads (checked against the source)."""
+def parse_run_method(cfg: DistillConfig, teacher: TeacherSource) -> tuple[Any, TargetPlan]:
+    """The method of ``cfg`` and the teacher arrays it reads (``plan.read``, checked against the
+    source) and derives on the device (``plan.complete``)."""
     from kdpipe.losses import parse_method
 
     variant = cfg.dct_variant or (teacher.dct_variants[0] if teacher.dct_variants else "dft-abs")
-    if variant not in teacher.dct_variants:
+    if variant not in teacher.dct_variants and not teacher.derives_dct():  # at maps give any variant
         raise KdpipeError(
             f"--dct-variant {variant!r}: the teacher targets hold {', '.join(teacher.dct_variants)}"
         )
     method = parse_method(cfg.method, cfg.weights or None, T=cfg.temperature,
                           label_smoothing=cfg.label_smoothing, dct_variant=variant,
                           dct_mask=cfg.teacher_correct_mask)  # fmt: skip
-    names = target_names_for(method.required_targets, len(teacher.chans), variant)
-    teacher.check_targets(names, cfg.method, method.required_targets)
-    return method, names
+    plan = teacher.plan(method.required_targets, variant)
+    teacher.check_targets(plan.read, cfg.method, method.required_targets)
+    return method, plan
 
 
 @dataclass

@@ -3,12 +3,15 @@ teacher (the baseline the cache replaces). Both sit behind one interface, :class
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from kdpipe.distributed import WorldInfo
 from kdpipe.errors import KdpipeError
+from kdpipe.targets import TargetPlan, plan_targets
 from kdpipe.train.config import DistillConfig
 
 
@@ -37,20 +40,36 @@ class TeacherSource:
         """Whether batches must carry the raw uint8 views (the online teacher preprocesses them)."""
         return False
 
+    def plan(self, required: set[str], variant: str) -> TargetPlan:
+        """The arrays a method needing target kinds ``required`` reads (and what it derives)."""
+        from kdpipe.train.model import target_names_for
+
+        return TargetPlan(target_names_for(required, len(self.chans), variant))
+
+    def derives_dct(self) -> bool:
+        """Whether any DCT variant can be derived from the source's at maps."""
+        return False
+
     def check_targets(self, names: list[str], method: str, required: set[str]) -> None:
         """Refuse a method whose targets this source cannot give (nothing to check online)."""
+
+    def verify(self, names: list[str], enabled: bool, world: WorldInfo, log: Any) -> None:
+        """Check the stored bytes of arrays ``names`` before training (nothing to check online)."""
 
     def targets(self, batch: dict[str, Any], names: list[str]) -> dict[str, torch.Tensor]:
         """The targets of one batch: array name -> float32 tensor (B, ...), on the host."""
         return batch["targets"]
 
 
-def open_cache(cfg: DistillConfig, dataset: Any) -> Any:
-    """Open the complete cache ``cfg.cache`` and check it was made from ``dataset``."""
+def open_cache(cfg: DistillConfig) -> tuple[Any, Any]:
+    """Open the complete cache ``cfg.cache`` and the dataset ``cfg.data`` it was made from (less the
+    images cache-teacher --skip-bad left out), checked against the cache's fingerprint."""
     from kdpipe import cache as cache_mod
+    from kdpipe.data import load_dataset
 
     assert cfg.cache is not None
     cache = cache_mod.open(cfg.cache, require_complete=True)
+    dataset = load_dataset(cfg.data, exclude=cache.manifest["dataset"].get("skipped", []))
     want = cache.manifest["dataset"]["fingerprint"]
     got = dataset.fingerprint()
     if want != got:
@@ -60,7 +79,7 @@ def open_cache(cfg: DistillConfig, dataset: Any) -> Any:
             f"(differs in: {', '.join(diff)}); "
             f"the cache was made from {cache.manifest['dataset'].get('spec')!r}"
         )
-    return cache
+    return cache, dataset
 
 
 class CachedTeacher(TeacherSource):
@@ -84,6 +103,16 @@ class CachedTeacher(TeacherSource):
             cache=cache,
             where=where,
         )
+
+    def plan(self, required: set[str], variant: str) -> TargetPlan:
+        available = set(self.cache.manifest["arrays"])
+        return plan_targets(required, len(self.chans), variant, available, self.num_classes)
+
+    def derives_dct(self) -> bool:
+        return any(a.startswith("at.") for a in self.cache.manifest["arrays"])
+
+    def verify(self, names: list[str], enabled: bool, world: WorldInfo, log: Any) -> None:
+        verify_for_training(self.cache, names, enabled, world, log)
 
     def check_targets(self, names: list[str], method: str, required: set[str]) -> None:
         available = set(self.cache.manifest["arrays"])
@@ -141,20 +170,58 @@ class OnlineTeacher(TeacherSource):
         return {k: torch.from_numpy(raw[k]) for k in names}
 
 
+def verify_for_training(cache: Any, names: list[str], enabled: bool, world: WorldInfo, log: Any) -> None:
+    """Check the crc32 of every chunk of the arrays ``names`` before any of them reaches a loss.
+
+    A full check at start (measured against per-chunk checks in docs/benchmarks.md): a damaged
+    cache stops the run before its first step, so no checkpoint of it is ever kept. DDP ranks split
+    the files and agree on the outcome. KdpipeError names the file and the chunk.
+    """
+    from kdpipe.cache.verify import verify
+
+    if not enabled:
+        if world.is_main:
+            log(f"cache {cache.path} NOT verified (--no-verify): damaged bytes would go unnoticed")
+        return
+    t0 = time.perf_counter()
+    problems = verify(cache.path, names, part=(world.rank, world.world_size))
+    bad = len(problems)
+    if world.distributed:
+        flag = torch.tensor([bad], dtype=torch.int64)
+        torch.distributed.all_reduce(flag)
+        bad = int(flag.item())
+    if bad:
+        first = problems[0] if problems else "damage found by another rank (see its message)"
+        more = f" (and {bad - 1} more problem(s))" if bad > 1 else ""
+        raise KdpipeError(
+            f"cache {cache.path} is damaged: {first}{more}; nothing was trained. `kdpipe cache verify "
+            f"{cache.path}` lists every problem"
+        )
+    if world.is_main:
+        nbytes = sum(cache.layout.data_bytes(n, i) for n in names for i in range(cache.layout.num_shards))
+        took = time.perf_counter() - t0
+        log(f"cache verified: {len(names)} array(s), {nbytes / 2**20:,.1f} MiB in {took:.1f} s")
+
+
 def check_one_source(cfg: DistillConfig) -> None:
     if (cfg.cache is None) == (cfg.online_teacher is None):
         raise KdpipeError("give exactly one of --cache (the normal case) or --online-teacher (the baseline)")
 
 
-def open_teacher(cfg: DistillConfig, dataset: Any) -> TeacherSource:
-    """The teacher source of ``cfg``: exactly one of ``--cache`` and ``--online-teacher``."""
+def open_teacher(cfg: DistillConfig) -> tuple[TeacherSource, Any]:
+    """The teacher source of ``cfg`` (exactly one of ``--cache`` and ``--online-teacher``) and the
+    training dataset."""
+    from kdpipe.data import load_dataset
+
     check_one_source(cfg)
     if cfg.cache is not None:
-        source: TeacherSource = CachedTeacher.from_cache(open_cache(cfg, dataset), cfg.cache)
+        cache, dataset = open_cache(cfg)
+        source: TeacherSource = CachedTeacher.from_cache(cache, cfg.cache)
     else:
+        dataset = load_dataset(cfg.data)
         source = OnlineTeacher.from_onnx(cfg, dataset)
     if source.num_classes and dataset.num_classes > source.num_classes:
         raise KdpipeError(
             f"the dataset has {dataset.num_classes} classes but the teacher {source.num_classes}"
         )
-    return source
+    return source, dataset
