@@ -405,6 +405,7 @@ def distill(cfg: DistillConfig, log: Any = print) -> dict[str, Any]:
     online_spec: Any = None
     if cfg.cache is not None:
         cache = cache_mod.open(cfg.cache, require_complete=True)
+        cache.advise_random()  # batches gather scattered rows: no readahead (docs/benchmarks.md)
         # the images cache-teacher --skip-bad left out are left out here too
         dataset = load_dataset(cfg.data, exclude=cache.manifest["dataset"].get("skipped", []))
         _check_dataset(cache, dataset, cfg.data)
