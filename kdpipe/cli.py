@@ -155,6 +155,11 @@ def inspect(teacher: str) -> None:
 @click.option("--mean", default=None, help="Per-channel mean after scaling, e.g. 0.485,0.456,0.406.")
 @click.option("--std", default=None, help="Per-channel std after scaling.")
 @click.option("--bgr", is_flag=True, help="The teacher expects BGR channel order.")
+@click.option(
+    "--allow-nonfinite",
+    is_flag=True,
+    help="Complete the cache even if the teacher outputs NaN/inf (recorded in COMPLETE.json).",
+)
 @click.option("--no-progress", is_flag=True)
 def cache_teacher_cmd(
     teacher: str,
@@ -183,6 +188,7 @@ def cache_teacher_cmd(
     mean: str | None,
     std: str | None,
     bgr: bool,
+    allow_nonfinite: bool,
     no_progress: bool,
 ) -> None:
     """Run TEACHER (an ONNX file) once over --data and cache its distillation targets in --out."""
@@ -223,6 +229,7 @@ def cache_teacher_cmd(
         card=card,
         spec_overrides=overrides,
         progress=not no_progress,
+        allow_nonfinite=allow_nonfinite,
     )
     s = cache_teacher(job, log=lambda m: click.echo(m, err=True))
     acc = s["teacher_accuracy"]

@@ -13,7 +13,7 @@ import os
 import re
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -356,10 +356,30 @@ class Journal:
     bad_lines: list[int]  # 1-based numbers of complete lines whose seal does not match
     torn_tail: bool  # the file ends in a partial line (a crash mid-append)
     good_bytes: int  # length of the prefix ending with the last newline
+    # chunk -> {array: global sample indices with a NaN/inf value} (only chunks that have any)
+    nonfinite: dict[int, dict[str, list[int]]] = field(default_factory=dict)
 
 
-def journal_line(chunk: int, rows: int, crcs: dict[str, int]) -> bytes:
-    return canonical(seal({"chunk": chunk, "rows": rows, "crc32": crcs})) + b"\n"
+def journal_line(chunk: int, rows: int, crcs: dict[str, int], nonfinite: dict | None = None) -> bytes:
+    """The sealed line of a finished chunk; ``nonfinite`` (array -> samples) only when not empty."""
+    body: dict[str, Any] = {"chunk": chunk, "rows": rows, "crc32": crcs}
+    if nonfinite:
+        body["nonfinite"] = nonfinite
+    return canonical(seal(body)) + b"\n"
+
+
+def _int_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+
+
+def _valid_line(obj: Any) -> bool:
+    """A sealed journal line with an int chunk, int crcs and (optionally) well-formed nonfinite lists."""
+    if not (sealed_ok(obj) and isinstance(obj.get("chunk"), int) and isinstance(obj.get("crc32"), dict)):
+        return False
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in obj["crc32"].values()):
+        return False
+    nf = obj.get("nonfinite", {})
+    return isinstance(nf, dict) and all(_int_list(v) for v in nf.values())
 
 
 def read_journal(path: Path) -> Journal:
@@ -369,22 +389,44 @@ def read_journal(path: Path) -> Journal:
         data = b""
     cut = data.rfind(b"\n") + 1
     done: dict[int, dict[str, int]] = {}
+    nonfinite: dict[int, dict[str, list[int]]] = {}
     bad: list[int] = []
     for k, line in enumerate(data[:cut].split(b"\n")[:-1], start=1):
         try:
             obj = json.loads(line)
         except ValueError:
             obj = None
-        if (
-            sealed_ok(obj)
-            and isinstance(obj.get("chunk"), int)
-            and isinstance(obj.get("crc32"), dict)
-            and all(isinstance(v, int) for v in obj["crc32"].values())
-        ):
+        if _valid_line(obj):
             done[obj["chunk"]] = obj["crc32"]
+            if obj.get("nonfinite"):
+                nonfinite[obj["chunk"]] = obj["nonfinite"]
+            else:
+                nonfinite.pop(obj["chunk"], None)
         else:
             bad.append(k)
-    return Journal(done=done, bad_lines=bad, torn_tail=cut < len(data), good_bytes=cut)
+    return Journal(done=done, bad_lines=bad, torn_tail=cut < len(data), good_bytes=cut, nonfinite=nonfinite)
+
+
+def nonfinite_summary(per_chunk: list[dict[str, list[int]]], first: int = 10) -> dict[str, Any]:
+    """Totals of per-chunk non-finite records: {"samples": count, "first": [...], "arrays": {name: count}}
+    (empty dict when there are none)."""
+    samples: set[int] = set()
+    arrays: dict[str, int] = {}
+    for rec in per_chunk:
+        for name, idx in rec.items():
+            samples.update(idx)
+            arrays[name] = arrays.get(name, 0) + len(idx)
+    if not samples:
+        return {}
+    return {"samples": len(samples), "first": sorted(samples)[:first], "arrays": dict(sorted(arrays.items()))}
+
+
+def nonfinite_text(summary: dict[str, Any]) -> str:
+    """One line: "NaN/inf in 3 sample(s) (first: 4, 9, 17) in logits (3), at.0 (2)"."""
+    first = ", ".join(str(s) for s in summary["first"])
+    more = ", ..." if summary["samples"] > len(summary["first"]) else ""
+    where = ", ".join(f"{k} ({v})" for k, v in summary["arrays"].items())
+    return f"NaN/inf in {summary['samples']} sample(s) (first: {first}{more}) in {where}"
 
 
 def ranges(values: list[int] | set[int]) -> str:

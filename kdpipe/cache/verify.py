@@ -127,7 +127,8 @@ def merge(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     caller[fmt.RUN_KEY] = {**run, "merged_from": str(s_root), "merged_shards": lay.num_shards}
     writer = create_or_resume(d_root, caller, (0, 1))
     with writer:
-        journals = {s.index: fmt.read_journal(s.dir / fmt.JOURNAL).done for s in cache.shards}
+        parsed = {s.index: fmt.read_journal(s.dir / fmt.JOURNAL) for s in cache.shards}
+        journals = {i: j.done for i, j in parsed.items()}
         for c in writer.pending_chunks():
             s0, s1 = lay.chunk_range(c)
             i = lay.shard_of_chunk(c)
@@ -141,6 +142,6 @@ def merge(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
                         f"run `kdpipe cache verify {s_root}`"
                     )
                 arrays[name] = a
-            writer.write_chunk(c, arrays)
-        writer.finish()
+            writer.write_chunk(c, arrays, parsed[i].nonfinite.get(c))
+        writer.finish(allow_nonfinite=True)  # the source was complete: any NaN/inf were accepted there
     return d_root
