@@ -28,6 +28,21 @@ def _crc_region(fd: int, offset: int, size: int) -> tuple[int, int]:
     return crc, got
 
 
+def _complete_crcs(doc: dict, problems: list[str], sname: str) -> dict[str, list[int]]:
+    """{array: chunk crc32 list} of a COMPLETE.json; malformed entries are reported and skipped."""
+    arrays = doc.get("arrays")
+    out: dict[str, list[int]] = {}
+    for name, a in arrays.items() if isinstance(arrays, dict) else []:
+        listed = a.get("chunk_crc32") if isinstance(a, dict) else None
+        if isinstance(listed, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in listed):
+            out[name] = listed
+        else:
+            problems.append(f"{sname}: {fmt.COMPLETE} entry of array {name!r} is malformed")
+    if not isinstance(arrays, dict):
+        problems.append(f"{sname}: {fmt.COMPLETE} has no 'arrays' mapping; it is damaged")
+    return out
+
+
 def verify(path: str | os.PathLike) -> list[str]:
     """Every problem found in the cache at ``path`` (empty list: intact and complete).
 
@@ -49,6 +64,8 @@ def verify(path: str | os.PathLike) -> list[str]:
             problems.append(f"{sname}: not started (folder {st.dir} missing)")
             continue
         journal = fmt.read_journal(st.dir / fmt.JOURNAL)
+        if journal.error:
+            problems.append(f"{sname}: {fmt.JOURNAL} cannot be read ({journal.error})")
         for k in journal.bad_lines:
             problems.append(
                 f"{sname}: {fmt.JOURNAL} line {k} is damaged (seal mismatch); its chunk counts as missing"
@@ -66,8 +83,7 @@ def verify(path: str | os.PathLike) -> list[str]:
         elif not st.complete:
             problems.append(f"{sname}: all chunks written but shard not finished (no valid {fmt.COMPLETE})")
         if st.complete_doc is not None:
-            for name, a in st.complete_doc.get("arrays", {}).items():
-                listed = a.get("chunk_crc32", [])
+            for name, listed in _complete_crcs(st.complete_doc, problems, sname).items():
                 for c, crc in zip(st.chunks, listed, strict=False):
                     if c in crcs and crcs[c].get(name) != crc:
                         problems.append(

@@ -310,7 +310,9 @@ class CacheWriter:
             except OSError as e:
                 if e.errno in _NO_SPACE:
                     raise _disk_error(self.path, 0, e) from None
-                raise
+                raise KdpipeError(
+                    f"cannot write {cpath} ({e.strerror or e}); remove what is in its place and rerun"
+                ) from e
         self.close()
 
     def close(self) -> None:
@@ -393,4 +395,10 @@ def create_or_resume(path: str | os.PathLike, manifest: dict, shard: tuple[int, 
             f"cache {root} is being written in {have} shard(s), this run asks for shard {i}/{n}; "
             f"use --shard k/{have} (or a new --out folder for another split)"
         )
-    return CacheWriter(root, stored, (i, n))
+    try:
+        return CacheWriter(root, stored, (i, n))
+    except OSError as e:  # a folder where a file should be, a file that cannot be opened, ...
+        raise KdpipeError(
+            f"cache {root}: cannot open shard {i}/{n} for writing ({e.strerror or e}: {e.filename}); "
+            "delete that shard's folder to redo it, or choose another --out folder"
+        ) from e
