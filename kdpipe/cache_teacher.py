@@ -299,6 +299,20 @@ def cache_teacher(job: CacheJob, log: Any = print) -> dict[str, Any]:
     return _summary(job, manifest, shard, total_items, elapsed, accuracy, runner.providers)
 
 
+def _check_shapes(out: dict[str, np.ndarray], manifest: dict, items: int) -> None:
+    """KdpipeError when a teacher output does not have the shape its graph declared (and the manifest
+    stores): onnxruntime runs some graphs whose declared output shapes are wrong."""
+    for name, meta in manifest["arrays"].items():
+        if name in ("labels", "view_params"):
+            continue
+        got = out[name].shape if name in out else None
+        if got != (items, *meta["shape"]):
+            raise KdpipeError(
+                f"the teacher's output for {name} has shape {got} for {items} input(s), but its graph "
+                f"declares {tuple(meta['shape'])} per input; re-export the model"
+            )
+
+
 def _finish(job: CacheJob, writer: Any, log: Any) -> None:
     """Mark the shard complete, unless its chunks hold NaN/inf and ``job.allow_nonfinite`` is off."""
     bad = writer.nonfinite()
@@ -383,6 +397,7 @@ def _run_chunks(
             fut = prepare(k + 1) if k + 1 < len(order) else None
             out = _run_batches(runner, prep.inputs, job.batch_size)
             n = prep.stop - prep.start
+            _check_shapes(out, manifest, n * num_views)
             if "logits" in out:
                 pred = out["logits"].argmax(1).reshape(n, num_views)
                 correct += int((pred == prep.labels[:, None]).sum())

@@ -674,3 +674,23 @@ def test_regression_huge_or_zero_counts(caches, edit):
             kc.open(root)
         assert kc.verify(root)
         cli_ok(["cache", "info", str(root)], (2,))
+
+
+def test_regression_declared_output_shape_differs_from_the_run(teacher_files, work):
+    """A graph whose declared logits size is wrong: onnxruntime runs it and returns the true size."""
+    model = tiny_teacher()
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 7
+    path = Path(tempfile.mkdtemp(dir=work)) / "t.onnx"
+    path.write_bytes(model.SerializeToString())
+    out = str(path.parent / "c")
+    r = cli_ok(["cache-teacher", str(path), "--data", *teacher_files["data"], "--out", out], (2,))
+    assert "has shape (4, 5) for 4 input(s)" in r.stderr  # was: ValueError from a reshape
+
+
+def test_regression_undefined_input_element_type(work):
+    model = tiny_teacher()
+    model.graph.input[0].type.tensor_type.elem_type = 0  # UNDEFINED: the onnx checker lets it pass
+    path = Path(tempfile.mkdtemp(dir=work)) / "t.onnx"
+    path.write_bytes(model.SerializeToString())
+    r = cli_ok(["inspect", str(path)], (2,))  # was: KeyError(0) from onnx's type table
+    assert "element type 0" in r.stderr
