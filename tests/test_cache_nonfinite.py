@@ -217,3 +217,33 @@ def test_float16_overflow_names_array_and_samples(setup, tmp_path):
     assert ok.exit_code == 0, ok.output
     stored = np.load(fixed / SHARD / "pooled.0.npy")[:, 0]
     np.testing.assert_allclose(stored, pooled, rtol=1e-5, atol=1e-5)
+
+
+def test_writer_journals_nonfinite_samples_and_refuses_to_finish(tmp_path):
+    """The library level: the samples given to write_chunk are journaled, finish refuses without
+    allow_nonfinite, a malformed (resealed) record makes its line invalid so the chunk is redone."""
+    from test_cache_support import chunk_arrays, make_manifest
+
+    from kdpipe.cache import format as fmt
+
+    m = make_manifest(num_samples=12, num_views=2, chunk_size=4)
+    root = tmp_path / "c"
+    w = kc.create_or_resume(root, m)
+    for c in w.pending_chunks():
+        w.write_chunk(c, chunk_arrays(m, *w.chunk_range(c)), {"logits": [4 * c + 1]} if c != 1 else {})
+    with pytest.raises(KdpipeError, match=r"NaN/inf in 2 sample\(s\) \(first: 1, 9\) in logits \(2\)"):
+        w.finish()
+    w.close()
+    jpath = root / SHARD / "journal.jsonl"
+    lines = [json.loads(x) for x in jpath.read_bytes().splitlines()]
+    assert [ln.get("nonfinite") for ln in lines] == [{"logits": [1]}, None, {"logits": [9]}]
+    lines[2]["nonfinite"] = {"logits": "9"}
+    jpath.write_bytes(b"".join(fmt.canonical(fmt.seal(x)) + b"\n" for x in lines))
+    w = kc.create_or_resume(root, m)
+    assert w.pending_chunks() == [2]
+    w.write_chunk(2, chunk_arrays(m, *w.chunk_range(2)))
+    w.finish(allow_nonfinite=True)
+    doc = json.loads((root / SHARD / "COMPLETE.json").read_text())
+    assert doc["nonfinite"] == {"samples": 1, "first": [1], "arrays": {"logits": 1}}
+    problems = kc.verify(root)  # the malformed line stays in the file and is reported, nothing else
+    assert len(problems) == 1 and "journal.jsonl line 3 is damaged" in problems[0]

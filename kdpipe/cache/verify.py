@@ -68,7 +68,8 @@ def verify(path: str | os.PathLike) -> list[str]:
             problems.append(f"{sname}: {fmt.JOURNAL} cannot be read ({journal.error})")
         for k in journal.bad_lines:
             problems.append(
-                f"{sname}: {fmt.JOURNAL} line {k} is damaged (seal mismatch); its chunk counts as missing"
+                f"{sname}: {fmt.JOURNAL} line {k} is damaged (seal mismatch or malformed); "
+                "its chunk counts as missing"
             )
         if journal.torn_tail:
             problems.append(
