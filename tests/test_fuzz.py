@@ -276,9 +276,8 @@ def read_everything(root: Path) -> None:
     _ = c.labels
 
 
-def resume(root: Path, manifest: dict) -> None:
-    """A writer resuming every shard of the cache with the original manifest, then finishing."""
-    n = kc.open(root, require_complete=False).layout.num_shards
+def resume(root: Path, manifest: dict, n: int) -> None:
+    """A writer resuming each of the ``n`` shards of the cache with the original manifest, finishing."""
     for i in range(n):
         w = kc.create_or_resume(root, manifest, (i, n))
         with w:
@@ -299,7 +298,7 @@ def exercise(root: Path, base: Path, manifest: dict, data: st.DataObject) -> Non
             cli_ok(["cache", "info", str(root)])
             cli_ok(["cache", "verify", str(root)], codes=(0, 1, 2))
         if data.draw(st.booleans()):
-            lib_ok(lambda: resume(root, manifest))
+            lib_ok(lambda: resume(root, manifest, len(list(base.glob("shards/*")))))
             lib_ok(lambda: kc.verify(root))
 
 
@@ -617,6 +616,14 @@ def test_regression_folder_in_place_of_a_file(caches):
     (root / "shards" / "00000-of-00001" / "at.1.npy").unlink()
     (root / "shards" / "00000-of-00001" / "at.1.npy").mkdir()
     with pytest.raises(KdpipeError, match="cannot open shard"):
+        kc.create_or_resume(root, caches["manifest"])
+
+
+@pytest.mark.parametrize("shards", [[1], None, {"count": "1"}])
+def test_regression_damaged_shard_count_on_resume(caches, shards):
+    root = _fresh(caches)
+    _edit_manifest(root, lambda m: m.__setitem__("shards", shards))
+    with pytest.raises(KdpipeError, match="shards.count"):  # was: TypeError in create_or_resume
         kc.create_or_resume(root, caches["manifest"])
 
 

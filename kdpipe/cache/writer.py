@@ -389,7 +389,7 @@ def create_or_resume(path: str | os.PathLike, manifest: dict, shard: tuple[int, 
             f"--out {root} holds a cache made with another teacher/configuration ({'; '.join(diffs[:4])}"
             f"{'; ...' if len(diffs) > 4 else ''}); use another --out folder or delete this one"
         )
-    have = stored["shards"]["count"]
+    have = fmt.layout_of(stored).num_shards  # validated: a damaged count is one line, not a TypeError
     if have != n:
         raise KdpipeError(
             f"cache {root} is being written in {have} shard(s), this run asks for shard {i}/{n}; "
