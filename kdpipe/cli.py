@@ -215,6 +215,11 @@ def inspect(teacher: str) -> None:
 @click.option("--mean", default=None, help="Per-channel mean after scaling, e.g. 0.485,0.456,0.406.")
 @click.option("--std", default=None, help="Per-channel std after scaling.")
 @click.option("--bgr", is_flag=True, help="The teacher expects BGR channel order.")
+@click.option(
+    "--allow-nonfinite",
+    is_flag=True,
+    help="Complete the cache even if the teacher outputs NaN/inf (recorded in COMPLETE.json).",
+)
 @click.option("--no-progress", is_flag=True)
 @click.option(
     "--skip-bad",
@@ -250,6 +255,7 @@ def cache_teacher_cmd(
     mean: str | None,
     std: str | None,
     bgr: bool,
+    allow_nonfinite: bool,
     no_progress: bool,
     skip_bad: bool,
 ) -> None:
@@ -294,6 +300,7 @@ def cache_teacher_cmd(
         spec_overrides=overrides,
         progress=not no_progress,
         skip_bad=skip_bad,
+        allow_nonfinite=allow_nonfinite,
     )
     s = cache_teacher(job, log=lambda m: click.echo(m, err=True))
     if s.get("estimate"):

@@ -247,7 +247,12 @@ class Cache:
     @property
     def taps(self) -> list[str]:
         """Tap names in index order (manifest["taps"][i]["name"])."""
-        return [t["name"] if isinstance(t, dict) else str(t) for t in self.manifest.get("taps", [])]
+        taps = self.manifest.get("taps")
+        return (
+            [str(t.get("name")) if isinstance(t, dict) else str(t) for t in taps or []]
+            if isinstance(taps, list)
+            else []
+        )
 
     @property
     def num_views(self) -> int:
@@ -271,10 +276,14 @@ class Cache:
             if st.complete:
                 raise KdpipeError(f"cache file {fpath} is missing; run `kdpipe cache verify {self.path}`")
             return None
-        if fpath.stat().st_size < len(fmt.npy_header(dtype, expected_shape)) + self.layout.data_bytes(
-            name, i
-        ):
+        header = fmt.npy_header(dtype, expected_shape)
+        if fpath.stat().st_size < len(header) + self.layout.data_bytes(name, i):
             raise KdpipeError(f"cache file {fpath} is truncated; run `kdpipe cache verify {self.path}`")
+        with fpath.open("rb") as f:
+            if f.read(len(header)) != header:  # every header byte is implied by the manifest
+                raise KdpipeError(
+                    f"cache file {fpath} has a damaged .npy header; run `kdpipe cache verify {self.path}`"
+                )
         try:
             mm = np.load(fpath, mmap_mode="r", allow_pickle=False)
         except ValueError as e:
