@@ -7,7 +7,10 @@ References are independent of the pipeline code: the same steps typed as plain `
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -189,3 +192,42 @@ def test_shipped_pipelines_validate():
         r = run_cli(["run", str(p), "--dry-run", *(w for s in sets for w in ("--set", s))])
         assert r.exit_code == 0, (p, r.stderr)
         assert r.stdout.count("kdpipe distill") >= 2, (p, r.stdout)
+
+
+def test_slurm_dry_run_and_a_missing_sbatch(tmp_path):
+    f = tmp_path / "p.yaml"
+    extra = "    - name: ddp\n      method: at\n      nproc: 2\n"
+    slurm = (
+        'slurm:\n  partition: gpu\n  time: "02:00:00"\n  distill:\n    gpus: 2\n    extra: ["--qos=high"]\n'
+    )
+    f.write_text(pipeline_yaml(tmp_path / "w", extra_students=extra, shards=3) + slurm)
+    r = run_ok(["run", str(f), "--executor", "slurm", "--dry-run"])
+    lines = r.stdout.splitlines()
+    assert lines[0] == f"sbatch --array=0-2 {tmp_path / 'w' / 'slurm' / 'cache.sbatch'}"
+    assert lines[1].endswith('--shard "${SLURM_ARRAY_TASK_ID}/3" --no-progress')
+    ddp = next(ln for ln in lines if "--out " + str(tmp_path / "w" / "ddp") in ln)
+    assert (
+        ddp.startswith("#   torchrun --standalone --nproc_per_node 2 -m kdpipe distill ")
+        and "--resume" in ddp
+    )
+    assert "sbatch '--dependency=afterok:<cache>' --kill-on-invalid-dep=yes" in r.stdout
+    assert not (tmp_path / "w").exists()
+    r = subprocess.run(
+        [sys.executable, "-m", "kdpipe", "run", str(f), "--executor", "slurm"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": str(tmp_path / "empty")},
+    )
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "kdpipe: error: --executor slurm: squeue not found on PATH; run this where Slurm's commands are"
+    ]
+
+
+def test_a_failing_step_stops_the_pipeline(local_run, tmp_path):
+    f, w, _ = local_run
+    sets = ["--set", f"workdir={tmp_path / 'w3'}", "--set", f"cache.path={w / 'cache'}"]
+    r = kdpipe_run(str(f), *sets, "--set", "distill.students.0.student=no_such_net")
+    assert r.returncode == 1, r.stderr
+    assert "skip cache-teacher:" in r.stderr and "no_such_net" in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("kdpipe: error: step 'distill kd' failed (exit 2)")
+    assert not (tmp_path / "w3" / "teacher_eval.json").exists()  # nothing after the failure ran

@@ -32,7 +32,9 @@ def job_ids(workdir: Path) -> list[str]:
 
 
 def test_pipeline_through_slurm_equals_local(slurm, tmp_path):
-    slurm_cfg = "slurm:\n  cpus_per_task: 1\n"
+    slurm_cfg = (
+        'slurm:\n  cpus_per_task: 1\n  distill:\n    time: "00:30:00"\n    extra: ["--comment=kdpipe-test"]\n'
+    )
     (tmp_path / "p.yaml").write_text(pipeline_yaml(tmp_path / "slurm-run", shards=2) + slurm_cfg)
     r = kdpipe_run(str(tmp_path / "p.yaml"), "--executor", "slurm", env=slurm.env)
     assert r.returncode == 0, r.stderr
@@ -46,6 +48,9 @@ def test_pipeline_through_slurm_equals_local(slurm, tmp_path):
     slurm.wait(ids)
     for jid in ids:
         assert set(slurm.states(jid)) == {"COMPLETED"}, (jid, slurm.states(jid))
+    # the YAML's slurm settings reached Slurm: the distill job's time limit and extra #SBATCH line
+    fields = slurm.run("scontrol", "--oneliner", "show", "job", ids[1]).stdout.split()
+    assert "TimeLimit=00:30:00" in fields and "Comment=kdpipe-test" in fields, fields
     s, loc = tmp_path / "slurm-run", tmp_path / "local-run"
     for shard in ("00000-of-00002", "00001-of-00002"):
         for f in sorted((loc / "cache" / "shards" / shard).glob("*.npy")):
