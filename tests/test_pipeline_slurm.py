@@ -73,7 +73,7 @@ def test_pipeline_through_slurm_equals_local(slurm, tmp_path):
 
 def test_cancelled_array_task_is_resubmitted_and_completes(slurm, tmp_path):
     data = make_npz(tmp_path / "big.npz", 3000, seed=3)
-    text = pipeline_yaml(tmp_path / "w", data=str(data), shards=2, chunk_size=8, batch_size=8)
+    text = pipeline_yaml(tmp_path / "w", data=str(data), shards=2, chunk_size=4, batch_size=8)
     text = text[: text.index("distill:")] + "evaluate:\n  teacher: false\nslurm:\n  cpus_per_task: 1\n"
     (tmp_path / "p.yaml").write_text(text)
     r = kdpipe_run(str(tmp_path / "p.yaml"), "--executor", "slurm", env=slurm.env)
@@ -81,7 +81,7 @@ def test_cancelled_array_task_is_resubmitted_and_completes(slurm, tmp_path):
     (array,) = job_ids(tmp_path / "w")
     journal = tmp_path / "w" / "cache" / "shards" / "00001-of-00002" / "journal.jsonl"
     deadline = time.monotonic() + 120
-    while not (journal.exists() and journal.read_text().count("\n") >= 2):
+    while not (journal.exists() and journal.read_text().count("\n") >= 1):  # cancel after its 1st chunk
         assert time.monotonic() < deadline, "task 1 wrote no chunk in 120 s"
         time.sleep(0.05)
     slurm.run("scancel", f"{array}_1")
@@ -103,7 +103,7 @@ def test_cancelled_array_task_is_resubmitted_and_completes(slurm, tmp_path):
     ref = tmp_path / "ref"
     run_ok(
         ["cache-teacher", teacher(), "--data", str(data), "--out", str(ref), "--views", "2"]
-        + ["--dtype", "float32", "--vec-dtype", "float32", "--chunk-size", "8", "--batch-size", "8"]
+        + ["--dtype", "float32", "--vec-dtype", "float32", "--chunk-size", "4", "--batch-size", "8"]
         + ["--threads", "1", "--no-progress"]
     )
     same_cache(tmp_path / "w" / "cache", ref)
