@@ -44,6 +44,8 @@ REPO = Path(__file__).resolve().parents[1]
         ),
         ("teacher:\n  onnx: {t}\ndata:\n  train: {d}\n  train: {d}\n", 5, "appears twice"),
         ("teacher:\n  onnx: {t}\ndata: [\n", 4, "not valid YAML"),
+        ("teacher:\n  onnx: {t}\ndata:\n  train: {d}\nslurm:\n  time: 12:00:00\n", 6, "time must be quoted"),
+        ("name: my pipe\nteacher:\n  onnx: {t}\ndata:\n  train: {d}\n", 1, "pipeline name 'my pipe'"),
     ],
 )
 def test_schema_mistakes_name_the_line(tmp_path, text, line, message):
@@ -231,3 +233,15 @@ def test_a_failing_step_stops_the_pipeline(local_run, tmp_path):
     assert "skip cache-teacher:" in r.stderr and "no_such_net" in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("kdpipe: error: step 'distill kd' failed (exit 2)")
     assert not (tmp_path / "w3" / "teacher_eval.json").exists()  # nothing after the failure ran
+
+
+def test_nproc_runs_the_student_with_torchrun(local_run, tmp_path):
+    f, w, _ = local_run
+    sets = ["--set", f"workdir={tmp_path / 'w4'}", "--set", f"cache.path={w / 'cache'}"]
+    sets += ["--set", "distill.students.0.nproc=2", "--set", "evaluate.teacher=false"]
+    r = kdpipe_run(str(f), *sets)
+    assert r.returncode == 0, r.stderr
+    assert "$ torchrun --standalone --nproc_per_node 2 -m kdpipe distill " in r.stderr
+    summary = json.loads((tmp_path / "w4" / "kd" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["effective_batch"] == 64
+    assert json.loads((tmp_path / "w4" / "kd" / "eval.json").read_text())["top1"] == summary["last_top1"]

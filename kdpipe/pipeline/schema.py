@@ -375,6 +375,8 @@ def _slurm(n: Node | None, base: SlurmSettings, section: str) -> SlurmSettings:
     m = check_keys(n, section, SLURM_KEYS)
     s = SlurmSettings(**{**base.__dict__, "extra": list(base.extra)})
     for k, v in m.items():
+        if k == "time" and isinstance(v.value, int) and not isinstance(v.value, bool):
+            raise v.fail('time must be quoted, e.g. time: "12:00:00" (YAML reads 12:00:00 as a number)')
         if k in ("partition", "time", "mem"):
             setattr(s, k, str(v.value) if isinstance(v.value, int) and k == "mem" else want_str(v, k))
         elif k in ("cpus_per_task", "gpus"):
@@ -435,6 +437,10 @@ def load_pipeline(path: str | os.PathLike, sets: tuple[str, ...] | list[str] = (
             raise KdpipeError(f"{p}:1: missing section {required!r} (see pipelines/demo.yaml)")
 
     name = want_str(top["name"], "name") if "name" in top else p.stem
+    if not _NAME_RE.match(name):
+        raise (top["name"] if "name" in top else tree).fail(
+            f"pipeline name {name!r}: use letters, digits, '_', '-', '.' (it names jobs and folders)"
+        )
     workdir = Path(want_str(top["workdir"], "workdir")) if "workdir" in top else Path("out") / name
     workdir = workdir.expanduser().resolve()
 
