@@ -69,3 +69,11 @@ def student_outputs(run: Path) -> np.ndarray:
 def same_student(a: Path, b: Path) -> None:
     """The two runs exported students with identical outputs."""
     np.testing.assert_array_equal(student_outputs(a), student_outputs(b))
+
+
+def world_sizes(summary: dict) -> list[int]:
+    """The distinct DDP world sizes a run's summary.json records (``world_size``, or a list of them)."""
+    ws = summary.get("world_sizes", summary.get("world_size"))
+    if isinstance(ws, dict):
+        ws = list(ws.values())
+    return sorted({int(w) for w in (ws if isinstance(ws, list) else [ws])})

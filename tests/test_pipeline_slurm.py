@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from _distill import make_npz, run_ok, teacher, train_data, val_data
-from _pipeline import kdpipe_run, pipeline_yaml, same_cache, same_student
+from _pipeline import kdpipe_run, pipeline_yaml, same_cache, same_student, world_sizes
 
 import kdpipe.cache as kc
 
@@ -148,7 +148,7 @@ def test_sbatch_templates_run_as_they_are(slurm, tmp_path):
     log = (out / "d.out").read_text()
     assert r.returncode == 0, log
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["epochs"] == 1 and np.isfinite(summary["last_top1"])
+    assert world_sizes(summary) == [2] and np.isfinite(summary["last_top1"])
     assert (tmp_path / "run" / "student.onnx").is_file()
 
 
