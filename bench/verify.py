@@ -7,7 +7,9 @@ cgroup (v1 or v2, root only) is limited to ``--mem-gib``, so the page cache cann
 
 - ``full``: ``kdpipe.cache.verify`` of the arrays distill reads, once at start (what distill does);
 - ``gather``: random batches of (sample, view) rows, as distill gathers them, with no check at all;
-- ``lazy``: the same batches, each chunk's crc32 checked the first time a batch touches it.
+- ``lazy``: the same batches, each chunk's crc32 checked the first time a batch touches it;
+- ``gather_random``: the gathers after ``Cache.advise_random()`` (``madvise(MADV_RANDOM)``: a page
+  fault reads its page, not the kernel's readahead window).
 
 Every measurement starts cold: the cache files' pages are dropped (``posix_fadvise DONTNEED``) first.
 Gathers run for ``--batches`` batches; ``epoch_s`` extrapolates to one epoch. Writes
@@ -19,6 +21,7 @@ Usage: ``python bench/verify.py [--gib 3] [--mem-gib 1] [--batches 300] [--dir /
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -43,6 +46,7 @@ ARRAYS = {
     "at.3": [7, 7],
 }
 CHUNK = 4096
+MODES = ("full", "gather", "lazy", "gather_random", "gather", "gather_random", "full")
 
 
 def manifest(num_samples: int, views: int) -> dict:
@@ -88,9 +92,10 @@ def drop_pages(root: Path) -> None:
             os.close(fd)
 
 
-def gather_run(cache: kc.Cache, names: list[str], batches: int, batch: int, lazy: bool) -> float:
-    """Seconds for ``batches`` random batches; with ``lazy``, each chunk is checked on first touch."""
-    rng = np.random.default_rng(1)
+def gather_run(cache: kc.Cache, names: list[str], batches: int, batch: int, lazy: bool, seed: int) -> float:
+    """Seconds for ``batches`` random batches (other rows in every round: nothing is cached from an
+    earlier one); with ``lazy``, each chunk is checked on first touch."""
+    rng = np.random.default_rng(seed)
     lay = cache.layout
     journal = fmt.read_journal(cache.shards[0].dir / fmt.JOURNAL).done
     checked: set[int] = set()
@@ -116,9 +121,13 @@ def child(root: Path, batches: int, batch: int) -> dict:
     nbytes = sum(cache.layout.data_bytes(n, 0) for n in names)
     out: dict = {"cache_bytes": nbytes, "samples": len(cache), "views": cache.num_views}
     steps_per_epoch = len(cache) * cache.num_views / batch
-    for mode in ("full", "gather", "lazy", "gather", "full"):  # interleaved, machine drift
+    for k, mode in enumerate(MODES):  # interleaved, machine drift
+        del cache
+        gc.collect()  # unmap the previous round's files, or their pages cannot be dropped
         drop_pages(root)
         cache = kc.open(root)
+        if mode == "gather_random":
+            cache.advise_random()
         if mode == "full":
             t0 = time.perf_counter()
             assert verify(root, names) == []
@@ -126,7 +135,7 @@ def child(root: Path, batches: int, batch: int) -> dict:
             out.setdefault("full_s", []).append(t)
             out.setdefault("full_gb_s", []).append(nbytes / t / 1e9)
         else:
-            t = gather_run(cache, names, batches, batch, lazy=mode == "lazy")
+            t = gather_run(cache, names, batches, batch, lazy=mode == "lazy", seed=k)
             out.setdefault(f"{mode}_s", []).append(t)
             out.setdefault(f"{mode}_epoch_s", []).append(t / batches * steps_per_epoch)
         print(f"{mode}: {t:.1f} s", file=sys.stderr, flush=True)
@@ -191,6 +200,7 @@ def main() -> None:
     print(f"one epoch of gathers, no check: {med['gather_epoch_s']:.0f} s (from {a.batches} batches)")
     print(f"one epoch of gathers, lazy per-chunk check: {med['lazy_epoch_s']:.0f} s")
     print(f"full verify / epoch of gathers: {med['full_s'] / med['gather_epoch_s']:.1%}")
+    print(f"one epoch of gathers, MADV_RANDOM: {med['gather_random_epoch_s']:.0f} s")
 
 
 if __name__ == "__main__":

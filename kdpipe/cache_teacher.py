@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from kdpipe import __version__, ops
+from kdpipe.cache import format as fmt
 from kdpipe.errors import KdpipeError
 from kdpipe.progress import Progress
 
@@ -58,6 +59,9 @@ class CacheJob:
     spinning: bool = True
     skip_bad: bool = False  # image folders: leave out files that do not decode (recorded in the manifest)
     estimate: bool = False  # only say how large the cache will be; run nothing, write nothing
+    # accept NaN/inf teacher outputs: the cache is completed and COMPLETE.json records them; without it
+    # every chunk is still written and journaled, only completion is refused (a rerun with it resumes)
+    allow_nonfinite: bool = False
 
 
 def view_policy_for(job: CacheJob, size: tuple[int, int], image_side: int) -> Any:
@@ -288,7 +292,10 @@ def cache_teacher(job: CacheJob, log: Any = print) -> dict[str, Any]:
     total_items = sum(b - a for _, a, b in order) * manifest["num_views"]
 
     if not pending:
-        writer.finish()  # also seals a shard whose chunks were all journaled before a crash
+        try:  # also seals a shard whose chunks were all journaled before a crash
+            _finish(job, writer, log)
+        finally:
+            writer.close()
         log(f"cache {job.out} is already complete for shard {shard}; nothing to do")
         return _summary(job, manifest, shard, 0, 0.0, None, [])
     try:
@@ -323,7 +330,7 @@ def cache_teacher(job: CacheJob, log: Any = print) -> dict[str, Any]:
                 log(f"resuming: {len(pending)} of {len(writer.chunks)} chunk(s) left")
             t0 = time.perf_counter()
             correct, seen = _run_chunks(job, writer, runner, manifest, order, prepare, first, total_items)
-        writer.finish()
+        _finish(job, writer, log)
     finally:
         writer.close()
     elapsed = time.perf_counter() - t0
@@ -365,8 +372,58 @@ def estimate(manifest: dict) -> dict[str, Any]:
     }
 
 
+def _check_shapes(out: dict[str, np.ndarray], manifest: dict, items: int) -> None:
+    """KdpipeError when a teacher output does not have the shape its graph declared (and the manifest
+    stores): onnxruntime runs some graphs whose declared output shapes are wrong."""
+    declared = {k: v["shape"] for k, v in manifest["arrays"].items() if k not in ("labels", "view_params")}
+    if "logits.topk" in declared:  # the top-K arrays are made from the full logits when stored
+        for k in ("logits.topk", "logits.topk_index", "logits.rest"):
+            del declared[k]
+        declared["logits"] = [manifest["teacher"]["num_classes"]]
+    for name, shape in declared.items():
+        got = out[name].shape if name in out else None
+        if got != (items, *shape):
+            raise KdpipeError(
+                f"the teacher's output for {name} has shape {got} for {items} input(s), but its graph "
+                f"declares {tuple(shape)} per input; re-export the model"
+            )
+
+
+def _finish(job: CacheJob, writer: Any, log: Any) -> None:
+    """Mark the shard complete, unless its chunks hold NaN/inf and ``job.allow_nonfinite`` is off."""
+    bad = writer.nonfinite()
+    if bad and not job.allow_nonfinite:
+        raise KdpipeError(
+            f"the teacher's outputs hold {fmt.nonfinite_text(bad)}; cache {job.out} is NOT "
+            "marked complete (all chunks are kept): check the teacher and its preprocessing, or rerun "
+            "the same command with --allow-nonfinite to accept them (nothing is recomputed)"
+        )
+    if bad:
+        log(f"warning: {fmt.nonfinite_text(bad)}; accepted (--allow-nonfinite), see COMPLETE.json")
+    writer.finish(allow_nonfinite=job.allow_nonfinite)
+
+
+def _nonfinite_samples(x: np.ndarray, start: int) -> list[int]:
+    """Global indices of the samples (axis 0 of ``x``, first sample ``start``) with a NaN/inf value."""
+    bad = ~np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1)
+    return (np.flatnonzero(bad) + start).tolist()
+
+
+def _overflow_error(name: str, x: np.ndarray, dtype: str, start: int) -> KdpipeError:
+    """The one-line error of a target that does not fit its storage dtype: array, samples, the fix."""
+    over = ops.storage_overflow(x, dtype)
+    samples = (np.flatnonzero(over.any(axis=1)) + start).tolist()
+    first = ", ".join(str(s) for s in samples[:10]) + (", ..." if len(samples) > 10 else "")
+    flag = "--dtype" if name.split(".")[0] in ("at", "dct") else "--vec-dtype"
+    return KdpipeError(
+        f"target {name} overflows {dtype} in {len(samples)} sample(s) ({first}; max |x| = "
+        f"{float(np.abs(x[over]).max()):.4g}); rerun with {flag} float32 into a new --out folder"
+    )
+
+
 def _store_and_write(writer: Any, manifest: dict, prep: _Prepared, out: dict[str, np.ndarray]) -> None:
-    """Convert one chunk's float32 targets to their storage dtypes and write it (journaled)."""
+    """Convert one chunk's float32 targets to their storage dtypes and write it (journaled, with the
+    samples whose targets hold NaN/inf)."""
     num_views = manifest["num_views"]
     n = prep.stop - prep.start
     arrays: dict[str, np.ndarray] = {
@@ -381,13 +438,19 @@ def _store_and_write(writer: Any, manifest: dict, prep: _Prepared, out: dict[str
         if meta["dtype"].startswith("int"):
             arrays[name] = out[name].astype(meta["dtype"]).reshape(n, num_views, *meta["shape"])
             continue
+    nonfinite: dict[str, list[int]] = {}
+    for name, meta in manifest["arrays"].items():
+        if name in arrays:
+            continue
+        x = out[name].reshape(n, -1)  # rows of a sample's views are consecutive
+        nonfinite[name] = _nonfinite_samples(x, prep.start)
         try:
             # one thread: this runs beside the teacher, whose threads already use the cores
             stored = ops.to_storage(out[name], meta["dtype"], threads=1)
-        except OverflowError as e:
-            raise KdpipeError(f"target {name}: {e} (use --dtype float32)") from None
+        except OverflowError:
+            raise _overflow_error(name, x, meta["dtype"], prep.start) from None
         arrays[name] = stored.reshape(n, num_views, *meta["shape"])
-    writer.write_chunk(prep.chunk, arrays)
+    writer.write_chunk(prep.chunk, arrays, nonfinite)
 
 
 def _run_chunks(
@@ -418,6 +481,7 @@ def _run_chunks(
             fut = prepare(k + 1) if k + 1 < len(order) else None
             out = _run_batches(runner, prep.inputs, job.batch_size)
             n = prep.stop - prep.start
+            _check_shapes(out, manifest, n * num_views)
             if "logits" in out:
                 pred = out["logits"].argmax(1).reshape(n, num_views)
                 correct += int((pred == prep.labels[:, None]).sum())

@@ -215,6 +215,11 @@ def inspect(teacher: str) -> None:
 @click.option("--mean", default=None, help="Per-channel mean after scaling, e.g. 0.485,0.456,0.406.")
 @click.option("--std", default=None, help="Per-channel std after scaling.")
 @click.option("--bgr", is_flag=True, help="The teacher expects BGR channel order.")
+@click.option(
+    "--allow-nonfinite",
+    is_flag=True,
+    help="Complete the cache even if the teacher outputs NaN/inf (recorded in COMPLETE.json).",
+)
 @click.option("--no-progress", is_flag=True)
 @click.option(
     "--skip-bad",
@@ -250,6 +255,7 @@ def cache_teacher_cmd(
     mean: str | None,
     std: str | None,
     bgr: bool,
+    allow_nonfinite: bool,
     no_progress: bool,
     skip_bad: bool,
 ) -> None:
@@ -294,6 +300,7 @@ def cache_teacher_cmd(
         spec_overrides=overrides,
         progress=not no_progress,
         skip_bad=skip_bad,
+        allow_nonfinite=allow_nonfinite,
     )
     s = cache_teacher(job, log=lambda m: click.echo(m, err=True))
     if s.get("estimate"):
@@ -350,8 +357,19 @@ def cache_info(path: str, as_json: bool, project: str) -> None:
 
 @cache.command("verify")
 @click.argument("path", type=click.Path())
-def cache_verify(path: str) -> None:
-    """Re-read every byte and check it against the journal's checksums; exit 1 on any problem."""
+@click.option("--live", default=0, help="Also re-run the teacher on N random (sample, view) pairs.")
+@click.option(
+    "--teacher", "live_teacher", default=None, help="--live: the ONNX file (default: the recorded one)."
+)
+@click.option("--data", "live_data", default=None, help="--live: the dataset (default: the recorded one).")
+@click.option("--seed", "live_seed", default=0, help="--live: seed of the random pairs.")
+def cache_verify(
+    path: str, live: int, live_teacher: str | None, live_data: str | None, live_seed: int
+) -> None:
+    """Re-read every byte and check it against the journal's checksums; exit 1 on any problem.
+
+    With --live N, re-run the teacher on N random (sample, view) pairs and compare with the stored values.
+    """
     from kdpipe import cache as cache_mod
 
     problems = cache_mod.verify(path)
@@ -361,6 +379,8 @@ def cache_verify(path: str) -> None:
         click.echo(f"kdpipe: {len(problems)} problem(s) in {path}", err=True)
         sys.exit(1)
     click.echo(f"{path}: OK")
+    if live:
+        _verify_live(path, live, live_teacher, live_data, live_seed)
 
 
 @cache.command("merge")
@@ -525,6 +545,65 @@ def show_curves_cmd(runs: tuple[str, ...], out: str) -> None:
     from kdpipe.show_curves import show_curves
 
     click.echo(show_curves(list(runs), out))
+
+
+# ----------------------------------------------------------------------------- pipelines
+
+
+@cli.command("run")
+@click.argument("pipeline", type=click.Path())
+@click.option(
+    "--set", "sets", multiple=True, help="Override a YAML value, e.g. --set cache.views=2 (repeatable)."
+)
+@click.option(
+    "--dry-run", is_flag=True, help="Print the exact commands (with each step's state); run nothing."
+)
+@click.option(
+    "--executor",
+    default="local",
+    show_default=True,
+    type=click.Choice(["local", "slurm"]),
+    help="local: run the steps here, in order; slurm: submit them with sbatch.",
+)
+def run_cmd(pipeline: str, sets: tuple[str, ...], dry_run: bool, executor: str) -> None:
+    """Run PIPELINE (a YAML file): cache-teacher -> distill (one or more students) -> evaluate.
+
+    Steps whose outputs are complete are skipped; a half-done step resumes. See pipelines/demo.yaml.
+    """
+    from kdpipe.pipeline import load_pipeline, make_plan
+    from kdpipe.pipeline.plan import results_table
+
+    p = load_pipeline(pipeline, sets)
+    if executor == "slurm":
+        from kdpipe.pipeline.slurm import submit
+
+        submit(p, dry_run=dry_run, log=click.echo)
+        return
+    plan = make_plan(p)
+    if dry_run:
+        for step in plan.steps:
+            prefix = {"done": "# done (skipped): ", "partial": "# resumes: "}.get(step.state, "")
+            click.echo(f"{prefix}{step.command()}")
+        return
+    from kdpipe.pipeline.local import run_local
+
+    run_local(plan, log=lambda m: click.echo(m, err=True))
+    table = results_table(p)
+    if table:
+        click.echo(table)
+
+
+def _verify_live(path: str, n: int, teacher: str | None, data: str | None, seed: int) -> None:
+    """`cache verify --live N`: the teacher re-run on N pairs; exit 1 beyond the storage tolerance."""
+    from kdpipe.cache.live import format_report, live_check
+
+    rep = live_check(path, n, teacher=teacher, data=data, seed=seed)
+    for line in format_report(rep):
+        click.echo(line)
+    if not rep.ok:
+        click.echo(f"kdpipe: {path}: the stored targets do not match the teacher (see above)", err=True)
+        sys.exit(1)
+    click.echo(f"{path}: live OK")
 
 
 def main() -> None:

@@ -161,15 +161,35 @@ def to_storage_numpy(x: np.ndarray, dtype: str) -> np.ndarray:
                 f"{float(np.abs(x32[np.isfinite(x32)]).max()):.4g}); store as float32 or bfloat16"
             )
         return out
-    bits = x32.view(np.uint32).astype(np.uint64)
-    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)  # round-to-nearest-even
-    nan = np.isnan(x32)
-    rounded[nan] = 0x7FC0
-    exp_all_ones = (rounded & 0x7F80) == 0x7F80
-    bad = exp_all_ones & ((rounded & 0x007F) == 0) & np.isfinite(x32)
+    rounded = _bf16_bits(x32)
+    bad = _bf16_overflow(rounded, x32)
     if bad.any():
         raise OverflowError(f"to_storage: {int(bad.sum())} value(s) exceed the bfloat16 range")
     return rounded
+
+
+def _bf16_bits(x32: np.ndarray) -> np.ndarray:
+    """bfloat16 bits of float32 values, round-to-nearest-even (NaN -> 0x7FC0)."""
+    bits = x32.view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    rounded[np.isnan(x32)] = 0x7FC0
+    return rounded
+
+
+def _bf16_overflow(rounded: np.ndarray, x32: np.ndarray) -> np.ndarray:
+    exp_all_ones = (rounded & 0x7F80) == 0x7F80
+    return exp_all_ones & ((rounded & 0x007F) == 0) & np.isfinite(x32)
+
+
+def storage_overflow(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Boolean mask (shape of x) of the finite values that would become inf when stored as ``dtype``."""
+    x32 = np.asarray(x, dtype=np.float32)
+    if dtype == "float16":
+        with np.errstate(over="ignore"):
+            return np.isinf(x32.astype(np.float16)) & np.isfinite(x32)
+    if dtype == "bfloat16":
+        return _bf16_overflow(_bf16_bits(x32), x32)
+    return np.zeros(x32.shape, dtype=bool)
 
 
 def from_storage(x: np.ndarray, dtype: str) -> np.ndarray:

@@ -152,7 +152,7 @@ def test_pooled_vectors_default_to_float16_and_overflow_names_the_array(tmp_path
                  "--scale", "1e6", "--no-progress"])  # fmt: skip
     if r.exit_code == 0:
         pytest.skip("this teacher's activations stayed inside float16 range even at scale 1e6")
-    assert r.exit_code == 2 and "target " in r.stderr and "--dtype float32" in r.stderr
+    assert r.exit_code == 2 and "float32" in r.stderr and ("pooled." in r.stderr or "at." in r.stderr)
 
 
 # --------------------------------------------------------------------------- bytes per view, estimate
@@ -198,3 +198,27 @@ def test_resnet34_imagenet_cache_fits_12kb_per_view(tmp_path: Path) -> None:
     # (64 + 128 + 256 + 512), 100 float16 logits + int16 classes + the rest's mean, view parameters
     want = 2 * (56**2 + 28**2 + 14**2 + 7**2) + 2 * 960 + 100 * 4 + 2 + 20 + 8 / 4
     assert per_view == pytest.approx(want, abs=0.5), r.stdout
+
+
+def _vm_flags(path: Path) -> list[set[str]]:
+    """The VmFlags of this process's mappings of ``path`` (from the kernel's /proc/self/smaps)."""
+    flags, current = [], False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if not line[:1].isspace() and "-" in line.split(" ", 1)[0] and ":" not in line.split(" ", 1)[0]:
+            current = line.rstrip().endswith(str(path))
+        elif current and line.startswith("VmFlags:"):
+            flags.append(set(line.split()[1:]))
+    return flags
+
+
+def test_advise_random_reaches_the_kernel() -> None:
+    if not Path("/proc/self/smaps").exists():
+        pytest.skip("no /proc/self/smaps on this system")
+    c = kc.open(cached(2, "float16", targets="logits,at,pooled"))
+    c.gather("at.0", np.array([3, 1]), np.array([0, 1]))
+    path = (c.path / SHARD / "at.0.npy").resolve()
+    assert _vm_flags(path) and all("rr" not in f for f in _vm_flags(path))  # the kernel's default
+    c.advise_random()
+    assert all("rr" in f for f in _vm_flags(path))  # VM_RAND_READ: no readahead on faults
+    c.gather("pooled.0", np.array([3]), np.array([0]))  # arrays opened later get it too
+    assert all("rr" in f for f in _vm_flags((c.path / SHARD / "pooled.0.npy").resolve()))

@@ -9,11 +9,12 @@ from __future__ import annotations
 import ast
 import datetime
 import json
+import math
 import os
 import re
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,13 @@ FLOAT_KINDS = ("float32", "float16", "bfloat16")
 ADDED_KEYS = ("format_version", "kdpipe_version", "created", "num_chunks", "shards", "seal")
 # top-level key for free-form run information (host, command line, timings): never compared
 RUN_KEY = "run"
+# bounds that no real cache comes near, so that damaged numbers fail cleanly instead of overflowing
+# int64 arithmetic or looping for hours over chunk or shard ranges
+MAX_COUNT = 2**40
+MAX_VIEWS = 2**20
+MAX_CHUNKS = 2**24
+MAX_SHARDS = 2**17
+MAX_ITEM = 2**32  # elements of one per-item array (shape product)
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
 
@@ -188,7 +196,7 @@ class ArraySpec:
         return ((num_views,) if self.per == "view" else ()) + self.shape
 
     def row_bytes(self, num_views: int) -> int:
-        return int(np.prod(self.row_shape(num_views), dtype=np.int64)) * self.np_dtype.itemsize
+        return math.prod(self.row_shape(num_views)) * self.np_dtype.itemsize  # exact (no int64 wrap)
 
 
 @dataclass(frozen=True)
@@ -241,29 +249,35 @@ def parse_arrays(arrays: Any) -> dict[str, ArraySpec]:
         raise KdpipeError("cache manifest: 'arrays' must be a non-empty mapping name -> {shape, dtype, per}")
     out: dict[str, ArraySpec] = {}
     for name, spec in arrays.items():
-        if not _NAME_RE.match(name):
+        if not _NAME_RE.fullmatch(name):
             raise KdpipeError(
                 f"cache manifest: array name {name!r} is not a safe file name (use [A-Za-z0-9_.-])"
             )
         if not isinstance(spec, dict):
             raise KdpipeError(f"cache manifest: arrays[{name!r}] must be a mapping with shape, dtype, per")
         shape, dtype, per = spec.get("shape"), spec.get("dtype"), spec.get("per", "view")
-        if not isinstance(shape, list | tuple) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        if not isinstance(shape, list | tuple) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
             raise KdpipeError(f"cache manifest: arrays[{name!r}].shape must be a list of ints, got {shape!r}")
-        if dtype not in STORAGE:
+        if math.prod(shape) > MAX_ITEM or len(shape) > 8:
+            raise KdpipeError(f"cache manifest: arrays[{name!r}].shape {shape!r} is too large")
+        if not isinstance(dtype, str) or dtype not in STORAGE:
             raise KdpipeError(
                 f"cache manifest: arrays[{name!r}].dtype {dtype!r} unknown; use one of {', '.join(STORAGE)}"
             )
-        if per not in ("view", "sample"):
+        if not isinstance(per, str) or per not in ("view", "sample"):
             raise KdpipeError(f"cache manifest: arrays[{name!r}].per must be 'view' or 'sample', got {per!r}")
         out[name] = ArraySpec(name, tuple(int(d) for d in shape), str(dtype), str(per))
     return out
 
 
-def _positive_int(manifest: dict, key: str, minimum: int) -> int:
+def _positive_int(manifest: dict, key: str, minimum: int, maximum: int = MAX_COUNT) -> int:
     v = manifest.get(key)
-    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
-        raise KdpipeError(f"cache manifest: {key!r} must be an int >= {minimum}, got {v!r}")
+    if not isinstance(v, int) or isinstance(v, bool) or not minimum <= v <= maximum:
+        raise KdpipeError(
+            f"cache manifest: {key!r} must be an int >= {minimum} (at most {maximum:,}), got {v!r}"
+        )
     return v
 
 
@@ -271,16 +285,23 @@ def layout_of(manifest: dict, num_shards: int | None = None) -> Layout:
     """The Layout of a (caller or stored) manifest; ``num_shards`` defaults to the stored count."""
     if num_shards is None:
         shards = manifest.get("shards")
-        if not isinstance(shards, dict) or not isinstance(shards.get("count"), int):
-            raise KdpipeError("cache manifest: 'shards.count' missing; the manifest is damaged")
-        num_shards = int(shards["count"])
-    return Layout(
+        count = shards.get("count") if isinstance(shards, dict) else None
+        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_SHARDS:
+            raise KdpipeError(f"cache manifest: 'shards.count' is {count!r}; the manifest is damaged")
+        num_shards = count
+    lay = Layout(
         num_samples=_positive_int(manifest, "num_samples", 1),
-        num_views=_positive_int(manifest, "num_views", 1),
+        num_views=_positive_int(manifest, "num_views", 1, MAX_VIEWS),
         chunk_size=_positive_int(manifest, "chunk_size", 1),
         num_shards=num_shards,
         arrays=parse_arrays(manifest.get("arrays")),
     )
+    if lay.num_chunks > MAX_CHUNKS:
+        raise KdpipeError(
+            f"cache manifest: {lay.num_samples:,} samples in chunks of {lay.chunk_size} make "
+            f"{lay.num_chunks:,} chunks (at most {MAX_CHUNKS:,}); use a larger chunk size"
+        )
+    return lay
 
 
 def full_manifest(caller: dict, num_shards: int, kdpipe_version: str) -> dict:
@@ -315,7 +336,8 @@ def diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         out: list[str] = []
         for k in sorted(set(a) | set(b)):
-            out += diff_keys(a.get(k, _MISSING), b.get(k, _MISSING), f"{prefix}/{k}" if prefix else k)
+            key = k if _NAME_RE.fullmatch(k) else json.dumps(k)  # odd keys quoted: the message stays one line
+            out += diff_keys(a.get(k, _MISSING), b.get(k, _MISSING), f"{prefix}/{key}" if prefix else key)
         return out
     if a == b and type(a) is type(b):
         return []
@@ -360,35 +382,81 @@ class Journal:
     bad_lines: list[int]  # 1-based numbers of complete lines whose seal does not match
     torn_tail: bool  # the file ends in a partial line (a crash mid-append)
     good_bytes: int  # length of the prefix ending with the last newline
+    # chunk -> {array: global sample indices with a NaN/inf value} (only chunks that have any)
+    nonfinite: dict[int, dict[str, list[int]]] = field(default_factory=dict)
+    error: str | None = None  # why the file could not be read (it then counts as empty)
 
 
-def journal_line(chunk: int, rows: int, crcs: dict[str, int]) -> bytes:
-    return canonical(seal({"chunk": chunk, "rows": rows, "crc32": crcs})) + b"\n"
+def journal_line(chunk: int, rows: int, crcs: dict[str, int], nonfinite: dict | None = None) -> bytes:
+    """The sealed line of a finished chunk; ``nonfinite`` (array -> samples) only when not empty."""
+    body: dict[str, Any] = {"chunk": chunk, "rows": rows, "crc32": crcs}
+    if nonfinite:
+        body["nonfinite"] = nonfinite
+    return canonical(seal(body)) + b"\n"
+
+
+def _int_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+
+
+def _valid_line(obj: Any) -> bool:
+    """A sealed journal line with an int chunk, int crcs and (optionally) well-formed nonfinite lists."""
+    if not (sealed_ok(obj) and isinstance(obj.get("chunk"), int) and isinstance(obj.get("crc32"), dict)):
+        return False
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in obj["crc32"].values()):
+        return False
+    nf = obj.get("nonfinite", {})
+    return isinstance(nf, dict) and all(_int_list(v) for v in nf.values())
 
 
 def read_journal(path: Path) -> Journal:
+    error = None
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         data = b""
+    except OSError as e:  # a folder in its place, an I/O error: no chunk counts as done
+        data, error = b"", f"{e.strerror or e}"
     cut = data.rfind(b"\n") + 1
     done: dict[int, dict[str, int]] = {}
+    nonfinite: dict[int, dict[str, list[int]]] = {}
     bad: list[int] = []
     for k, line in enumerate(data[:cut].split(b"\n")[:-1], start=1):
         try:
             obj = json.loads(line)
         except ValueError:
             obj = None
-        if (
-            sealed_ok(obj)
-            and isinstance(obj.get("chunk"), int)
-            and isinstance(obj.get("crc32"), dict)
-            and all(isinstance(v, int) for v in obj["crc32"].values())
-        ):
+        if _valid_line(obj):
             done[obj["chunk"]] = obj["crc32"]
+            if obj.get("nonfinite"):
+                nonfinite[obj["chunk"]] = obj["nonfinite"]
+            else:
+                nonfinite.pop(obj["chunk"], None)
         else:
             bad.append(k)
-    return Journal(done=done, bad_lines=bad, torn_tail=cut < len(data), good_bytes=cut)
+    return Journal(done, bad, torn_tail=cut < len(data), good_bytes=cut, nonfinite=nonfinite, error=error)
+
+
+def nonfinite_summary(per_chunk: list[dict[str, list[int]]], first: int = 10) -> dict[str, Any]:
+    """Totals of per-chunk non-finite records: {"samples": count, "first": [...], "arrays": {name: count}}
+    (empty dict when there are none)."""
+    samples: set[int] = set()
+    arrays: dict[str, int] = {}
+    for rec in per_chunk:
+        for name, idx in rec.items():
+            samples.update(idx)
+            arrays[name] = arrays.get(name, 0) + len(idx)
+    if not samples:
+        return {}
+    return {"samples": len(samples), "first": sorted(samples)[:first], "arrays": dict(sorted(arrays.items()))}
+
+
+def nonfinite_text(summary: dict[str, Any]) -> str:
+    """One line: "NaN/inf in 3 sample(s) (first: 4, 9, 17) in logits (3), at.0 (2)"."""
+    first = ", ".join(str(s) for s in summary["first"])
+    more = ", ..." if summary["samples"] > len(summary["first"]) else ""
+    where = ", ".join(f"{k} ({v})" for k, v in summary["arrays"].items())
+    return f"NaN/inf in {summary['samples']} sample(s) (first: {first}{more}) in {where}"
 
 
 def ranges(values: list[int] | set[int]) -> str:

@@ -201,6 +201,13 @@ class ShardedArray:
 ArrayLike = np.ndarray | ShardedArray
 
 
+def _madvise(mm: np.ndarray, advice: int) -> None:
+    """Apply ``advice`` to the mapping behind the memmap ``mm`` (a no-op for other arrays)."""
+    handle = getattr(mm, "_mmap", None)
+    if handle is not None and hasattr(handle, "madvise"):
+        handle.madvise(advice)
+
+
 # ---------------------------------------------------------------------------------------- the cache
 class Cache:
     """A cache opened for reading; build it with ``kdpipe.cache.open``.
@@ -221,6 +228,7 @@ class Cache:
             )
         self._arrays: dict[str, ArrayLike] = {}
         self._labels: np.ndarray | None = None
+        self._advice: int | None = None
 
     # ------------------------------------------------------------------------------- description
     @property
@@ -239,7 +247,12 @@ class Cache:
     @property
     def taps(self) -> list[str]:
         """Tap names in index order (manifest["taps"][i]["name"])."""
-        return [t["name"] if isinstance(t, dict) else str(t) for t in self.manifest.get("taps", [])]
+        taps = self.manifest.get("taps")
+        return (
+            [str(t.get("name")) if isinstance(t, dict) else str(t) for t in taps or []]
+            if isinstance(taps, list)
+            else []
+        )
 
     @property
     def num_views(self) -> int:
@@ -263,22 +276,42 @@ class Cache:
             if st.complete:
                 raise KdpipeError(f"cache file {fpath} is missing; run `kdpipe cache verify {self.path}`")
             return None
-        if fpath.stat().st_size < len(fmt.npy_header(dtype, expected_shape)) + self.layout.data_bytes(
-            name, i
-        ):
+        header = fmt.npy_header(dtype, expected_shape)
+        if fpath.stat().st_size < len(header) + self.layout.data_bytes(name, i):
             raise KdpipeError(f"cache file {fpath} is truncated; run `kdpipe cache verify {self.path}`")
+        with fpath.open("rb") as f:
+            if f.read(len(header)) != header:  # every header byte is implied by the manifest
+                raise KdpipeError(
+                    f"cache file {fpath} has a damaged .npy header; run `kdpipe cache verify {self.path}`"
+                )
         try:
             mm = np.load(fpath, mmap_mode="r", allow_pickle=False)
         except ValueError as e:
             raise KdpipeError(
                 f"cache file {fpath} is not a valid .npy ({e}); run `kdpipe cache verify`"
             ) from e
+        if self._advice is not None:
+            _madvise(mm, self._advice)
         if mm.shape != expected_shape or mm.dtype != dtype:
             raise KdpipeError(
                 f"cache file {fpath} holds {mm.dtype}{mm.shape}, manifest says {dtype}{expected_shape}; "
                 f"run `kdpipe cache verify {self.path}`"
             )
         return mm
+
+    def advise_random(self) -> None:
+        """Tell the kernel that reads will be scattered (``madvise(MADV_RANDOM)``): a page fault then
+        reads its page, not the default readahead window around it. For batches of random
+        (sample, view) rows from a cache larger than the page cache (docs/benchmarks.md)."""
+        import mmap
+
+        self._advice = getattr(mmap, "MADV_RANDOM", None)
+        if self._advice is None:
+            return
+        for arr in self._arrays.values():
+            for part in arr._parts if isinstance(arr, ShardedArray) else [arr]:
+                if part is not None:
+                    _madvise(part, self._advice)
 
     def array(self, name: str) -> ArrayLike:
         """Stored array ``name`` over all samples: the np.memmap itself (one shard) or a ShardedArray."""

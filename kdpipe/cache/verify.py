@@ -74,9 +74,12 @@ def verify(
 def _shard_records(st: ShardState, sname: str, problems: list[str]) -> dict[int, dict[str, int]]:
     """Chunk -> array -> recorded crc32 from the journal and COMPLETE.json; appends what is wrong."""
     journal = fmt.read_journal(st.dir / fmt.JOURNAL)
+    if journal.error:
+        problems.append(f"{sname}: {fmt.JOURNAL} cannot be read ({journal.error})")
     for k in journal.bad_lines:
         problems.append(
-            f"{sname}: {fmt.JOURNAL} line {k} is damaged (seal mismatch); its chunk counts as missing"
+            f"{sname}: {fmt.JOURNAL} line {k} is damaged (seal mismatch or malformed); "
+            "its chunk counts as missing"
         )
     if journal.torn_tail:
         problems.append(f"{sname}: {fmt.JOURNAL} ends in a torn line (interrupted write); resume redoes it")
@@ -88,13 +91,27 @@ def _shard_records(st: ShardState, sname: str, problems: list[str]) -> dict[int,
     elif not st.complete:
         problems.append(f"{sname}: all chunks written but shard not finished (no valid {fmt.COMPLETE})")
     if st.complete_doc is not None:
-        for name, a in st.complete_doc.get("arrays", {}).items():
-            listed = a.get("chunk_crc32", []) if isinstance(a, dict) else []
+        for name, listed in _complete_crcs(st.complete_doc, problems, sname).items():
             for c, crc in zip(st.chunks, listed, strict=False):
                 if c in crcs and crcs[c].get(name) != crc:
                     problems.append(f"{sname}: chunk {c} array {name!r}: journal and {fmt.COMPLETE} disagree")
                 crcs.setdefault(c, {}).setdefault(name, crc)
     return crcs
+
+
+def _complete_crcs(doc: dict, problems: list[str], sname: str) -> dict[str, list[int]]:
+    """{array: chunk crc32 list} of a COMPLETE.json; malformed entries are reported and skipped."""
+    arrays = doc.get("arrays")
+    out: dict[str, list[int]] = {}
+    for name, a in arrays.items() if isinstance(arrays, dict) else []:
+        listed = a.get("chunk_crc32") if isinstance(a, dict) else None
+        if isinstance(listed, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in listed):
+            out[name] = listed
+        else:
+            problems.append(f"{sname}: {fmt.COMPLETE} entry of array {name!r} is malformed")
+    if not isinstance(arrays, dict):
+        problems.append(f"{sname}: {fmt.COMPLETE} has no 'arrays' mapping; it is damaged")
+    return out
 
 
 def _check_file(
@@ -152,7 +169,8 @@ def merge(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     caller[fmt.RUN_KEY] = {**run, "merged_from": str(s_root), "merged_shards": lay.num_shards}
     writer = create_or_resume(d_root, caller, (0, 1))
     with writer:
-        journals = {s.index: fmt.read_journal(s.dir / fmt.JOURNAL).done for s in cache.shards}
+        parsed = {s.index: fmt.read_journal(s.dir / fmt.JOURNAL) for s in cache.shards}
+        journals = {i: j.done for i, j in parsed.items()}
         for c in writer.pending_chunks():
             s0, s1 = lay.chunk_range(c)
             i = lay.shard_of_chunk(c)
@@ -166,6 +184,6 @@ def merge(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
                         f"run `kdpipe cache verify {s_root}`"
                     )
                 arrays[name] = a
-            writer.write_chunk(c, arrays)
-        writer.finish()
+            writer.write_chunk(c, arrays, parsed[i].nonfinite.get(c))
+        writer.finish(allow_nonfinite=True)  # the source was complete: any NaN/inf were accepted there
     return d_root

@@ -104,6 +104,7 @@ class CacheWriter:
             os.ftruncate(self._journal_fd, j.good_bytes)
             os.fsync(self._journal_fd)
         self._done = {c: crc for c, crc in j.done.items() if c in self.chunks}
+        self._nonfinite = {c: nf for c, nf in j.nonfinite.items() if c in self._done}
 
     def _open_files(self) -> None:
         lay = self.layout
@@ -214,12 +215,15 @@ class CacheWriter:
             raise TypeError(f"write_chunk: array {name!r} has dtype {a.dtype}, expected storage {spec.dtype}")
         return np.ascontiguousarray(a, dtype=target)
 
-    def write_chunk(self, c: int, arrays: dict[str, np.ndarray]) -> dict[str, int]:
+    def write_chunk(
+        self, c: int, arrays: dict[str, np.ndarray], nonfinite: dict[str, list[int]] | None = None
+    ) -> dict[str, int]:
         """Write chunk ``c``: ``arrays[name]`` is (stop-start[, V], *shape) in the storage dtype.
 
         float arrays are converted with ``kdpipe.ops.to_storage`` when given in another float dtype
-        (OverflowError on values out of range). Data are fsynced, then the chunk is journaled.
-        Returns the crc32 of each array's bytes.
+        (OverflowError on values out of range). Data are fsynced, then the chunk is journaled, with
+        ``nonfinite`` (array -> global sample indices holding NaN/inf, as found by the caller) when
+        given. Returns the crc32 of each array's bytes.
         """
         if c not in self.chunks:
             raise ValueError(f"write_chunk: chunk {c} is not in shard {self.shard} (chunks {self.chunks})")
@@ -239,28 +243,49 @@ class CacheWriter:
                 crcs[name] = zlib.crc32(fmt.byte_view(a))
             for name in arrays:
                 _fdatasync(self._fds[name])
-            line = fmt.journal_line(c, s1 - s0, crcs)
+            nf = {k: sorted(int(x) for x in v) for k, v in sorted((nonfinite or {}).items()) if len(v)}
+            line = fmt.journal_line(c, s1 - s0, crcs, nf)
             with self._mutex:
                 _pwrite_all_append(self._journal_fd, line)
                 os.fsync(self._journal_fd)
                 self._done[c] = crcs
+                if nf:
+                    self._nonfinite[c] = nf
         except OSError as e:
             if e.errno in _NO_SPACE:
                 raise _disk_error(self.path, 0, e) from None
             raise
         return crcs
 
-    def finish(self) -> None:
-        """Mark the shard complete (atomic COMPLETE.json); KdpipeError when chunks are still missing."""
+    def nonfinite(self) -> dict[str, Any]:
+        """Summary of the NaN/inf samples journaled in this shard (``fmt.nonfinite_summary``; {} if none)."""
+        with self._mutex:
+            return fmt.nonfinite_summary([self._nonfinite[c] for c in sorted(self._nonfinite)])
+
+    def finish(self, allow_nonfinite: bool = False) -> None:
+        """Mark the shard complete (atomic COMPLETE.json); KdpipeError when chunks are still missing, or
+        when chunks hold NaN/inf values and ``allow_nonfinite`` is False (then recorded in the doc)."""
         pending = self.pending_chunks()
         if pending:
             raise KdpipeError(
                 f"cache shard {self.shard_dir} cannot be finished: {len(pending)} chunk(s) not written "
                 f"({fmt.ranges(pending)}); rerun the same command to resume"
             )
+        bad = self.nonfinite()
+        if bad and not allow_nonfinite:
+            raise KdpipeError(
+                f"cache shard {self.shard_dir} not marked complete: {fmt.nonfinite_text(bad)}; "
+                "finish(allow_nonfinite=True) accepts them"
+            )
         cpath = self.shard_dir / fmt.COMPLETE
         if not fmt.sealed_ok(fmt.read_json(cpath)):
             i, n = self.shard
+            missing = [a for a in self.layout.arrays if any(a not in self._done[c] for c in self.chunks)]
+            if missing:
+                raise KdpipeError(
+                    f"cache shard {self.shard_dir}: the journal records no checksum of {missing[0]!r}; "
+                    f"it is damaged: delete the folder {self.shard_dir} to redo this shard"
+                )
             arrays = {
                 name: {
                     "file": f"{name}.npy",
@@ -278,13 +303,16 @@ class CacheWriter:
                 "kdpipe_version": __version__,
                 "finished": fmt.now_iso(),
                 "arrays": arrays,
+                **({"nonfinite": bad} if bad else {}),
             }
             try:
                 fmt.write_json_atomic(cpath, fmt.seal(doc), indent=None)
             except OSError as e:
                 if e.errno in _NO_SPACE:
                     raise _disk_error(self.path, 0, e) from None
-                raise
+                raise KdpipeError(
+                    f"cannot write {cpath} ({e.strerror or e}); remove what is in its place and rerun"
+                ) from e
         self.close()
 
     def close(self) -> None:
@@ -373,10 +401,16 @@ def create_or_resume(path: str | os.PathLike, manifest: dict, shard: tuple[int, 
             f"--out {root} holds a cache made with another teacher/configuration ({'; '.join(diffs[:4])}"
             f"{'; ...' if len(diffs) > 4 else ''}); use another --out folder or delete this one"
         )
-    have = stored["shards"]["count"]
+    have = fmt.layout_of(stored).num_shards  # validated: a damaged count is one line, not a TypeError
     if have != n:
         raise KdpipeError(
             f"cache {root} is being written in {have} shard(s), this run asks for shard {i}/{n}; "
             f"use --shard k/{have} (or a new --out folder for another split)"
         )
-    return CacheWriter(root, stored, (i, n))
+    try:
+        return CacheWriter(root, stored, (i, n))
+    except OSError as e:  # a folder where a file should be, a file that cannot be opened, ...
+        raise KdpipeError(
+            f"cache {root}: cannot open shard {i}/{n} for writing ({e.strerror or e}: {e.filename}); "
+            "delete that shard's folder to redo it, or choose another --out folder"
+        ) from e

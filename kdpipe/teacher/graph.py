@@ -240,7 +240,14 @@ def _find_input(model: onnx.ModelProto, path: str) -> tuple[onnx.ValueInfoProto,
 
 
 def _elem_np(elem_type: int) -> str:
-    return str(np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)))
+    """NumPy dtype name of an ONNX element type; KdpipeError for UNDEFINED and unknown codes."""
+    try:
+        return str(np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)))
+    except (KeyError, TypeError, ValueError):
+        raise KdpipeError(
+            f"teacher input has ONNX element type {elem_type}, which has no NumPy type; "
+            "re-export the model with a float32 input"
+        ) from None
 
 
 def _set_batch(model: onnx.ModelProto, input_name: str) -> onnx.ModelProto:

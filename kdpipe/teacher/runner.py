@@ -32,7 +32,7 @@ _CPU = "CPUExecutionProvider"
 
 def _session_options(threads: int | None, spinning: bool) -> ort.SessionOptions:
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # errors reach the user as one KdpipeError line, not as C++ log lines
     if threads is not None and threads < 1:
         raise KdpipeError(f"teacher threads must be >= 1, got {threads}")
     # onnxruntime's own default counts the node's physical cores and ignores the CPU binding: a job
@@ -70,7 +70,17 @@ def make_session(
             "onnxruntime cannot use CUDA here (onnxruntime-gpu missing, or no GPU/CUDA libraries); "
             "use --provider cpu or auto"
         )
-    return ort.InferenceSession(model_bytes, so, providers=[_CPU])
+    try:
+        return ort.InferenceSession(model_bytes, so, providers=[_CPU])
+    except Exception as e:  # onnxruntime raises its own types (Fail, InvalidGraph, ...) for bad models
+        detail = _first_line(e)
+        raise KdpipeError(f"onnxruntime cannot load the teacher ({detail}); re-export the model") from e
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception's message (onnxruntime's can span many), at most 300 characters."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]
 
 
 class TeacherRunner:
@@ -153,14 +163,20 @@ class TeacherRunner:
 
     def _session_run(self, x: np.ndarray) -> list[np.ndarray]:
         feed = np.ascontiguousarray(x, dtype=self._in_dtype)
-        if not self.io_binding:
-            return list(self.session.run(self._names, {self.graph.input.name: feed}))
-        binding = self.session.io_binding()
-        binding.bind_cpu_input(self.graph.input.name, feed)
-        for name in self._names:
-            binding.bind_output(name)
-        self.session.run_with_iobinding(binding)
-        return list(binding.copy_outputs_to_cpu())
+        try:
+            if not self.io_binding:
+                return list(self.session.run(self._names, {self.graph.input.name: feed}))
+            binding = self.session.io_binding()
+            binding.bind_cpu_input(self.graph.input.name, feed)
+            for name in self._names:
+                binding.bind_output(name)
+            self.session.run_with_iobinding(binding)
+            return list(binding.copy_outputs_to_cpu())
+        except Exception as e:  # a model that loads but cannot run its own input
+            raise KdpipeError(
+                f"the teacher fails on an input batch of shape {feed.shape} ({_first_line(e)}); "
+                "check the model and its input size"
+            ) from e
 
     def _forward(self, x: np.ndarray) -> list[np.ndarray]:
         if not self.graph.fixed_batch or x.shape[0] == 1:

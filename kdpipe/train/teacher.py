@@ -69,6 +69,7 @@ def open_cache(cfg: DistillConfig) -> tuple[Any, Any]:
 
     assert cfg.cache is not None
     cache = cache_mod.open(cfg.cache, require_complete=True)
+    cache.advise_random()  # batches gather scattered rows: no readahead (docs/benchmarks.md)
     dataset = load_dataset(cfg.data, exclude=cache.manifest["dataset"].get("skipped", []))
     want = cache.manifest["dataset"]["fingerprint"]
     got = dataset.fingerprint()

@@ -1,0 +1,185 @@
+"""`kdpipe cache verify PATH --live N`: re-run the teacher on N random (sample, view) pairs of a cache.
+
+Checksums prove that the bytes are the ones the writer wrote; they cannot prove that the writer wrote
+the teacher's targets (a cache built on someone else's cluster, with another teacher file, another
+onnxruntime, a bug). This check rebuilds each chosen view from the dataset and the stored view
+parameters, runs the teacher with onnxruntime exactly as `cache-teacher` does (same taps, same
+preprocessing, targets reduced in the graph), and compares the result with the stored values.
+
+Tolerance, per element: ``|stored - live| <= rtol * max(|live|, 0.01 * max|live of that item|)``
+with ``rtol`` the storage dtype's rounding plus room for onnxruntime's batch-size differences:
+float32 1e-4, float16 1e-3 (rounding 2**-11 = 4.9e-4), bfloat16 8e-3 (rounding 2**-8 = 3.9e-3).
+The floor keeps near-zero entries of a map from failing on absolute noise.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from kdpipe.errors import KdpipeError
+
+RTOL = {"float32": 1e-4, "float16": 1e-3, "bfloat16": 8e-3}
+FLOOR = 0.01
+
+
+@dataclass
+class KindReport:
+    """The comparison of one target kind (logits, at, dct, pooled) over all its arrays."""
+
+    kind: str
+    dtype: str
+    max_abs_diff: float = 0.0
+    worst: float = 0.0  # largest |diff| / allowed (> 1: beyond tolerance)
+    arrays: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.worst <= 1.0
+
+
+@dataclass
+class LiveReport:
+    """What ``live_check`` found."""
+
+    pairs: int
+    teacher: str
+    teacher_matches: bool  # the teacher file's sha256 equals the one recorded in the manifest
+    kinds: list[KindReport]
+    problems: list[str]  # labels or view parameters that do not match the dataset / the view policy
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and all(k.ok for k in self.kinds)
+
+
+def pick_pairs(num_samples: int, num_views: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` distinct random (sample, view) pairs (all of them when there are fewer), sorted."""
+    total = num_samples * num_views
+    flat = np.sort(np.random.default_rng(seed).choice(total, size=min(n, total), replace=False))
+    return (flat // num_views).astype(np.int64), (flat % num_views).astype(np.int64)
+
+
+def live_check(
+    path: str | os.PathLike,
+    n: int,
+    teacher: str | None = None,
+    data: str | None = None,
+    seed: int = 0,
+    provider: str = "cpu",
+    threads: int | None = None,
+    batch_size: int = 64,
+) -> LiveReport:
+    """Re-run the teacher on ``n`` random (sample, view) pairs of the cache at ``path`` and compare."""
+    from kdpipe import cache as cache_mod
+    from kdpipe.data import load_dataset
+    from kdpipe.data.views import ViewPolicy, apply_views, draw_view_params
+    from kdpipe.teacher import TeacherRunner, TeacherSpec, load_teacher, resolve_taps
+
+    if n < 1:
+        raise KdpipeError(f"--live {n}: give the number of (sample, view) pairs to re-run, e.g. --live 64")
+    c = cache_mod.open(path)
+    m = c.manifest
+    tpath = teacher or (m.get("run") or {}).get("teacher_file")
+    if not tpath or not Path(tpath).is_file():
+        raise KdpipeError(
+            f"cache verify --live: the teacher file {tpath!r} recorded in {path}/manifest.json is not here; "
+            "pass --teacher PATH (the same ONNX file)"
+        )
+    graph = load_teacher(str(tpath))
+    matches = graph.sha256 == m["teacher"]["sha256"]
+    names = [t["name"] for t in m.get("taps", [])]
+    taps = resolve_taps(graph, names) if names else []
+    for t, want in zip(taps, m.get("taps", []), strict=True):
+        if list(t.shape) != list(want["shape"]):
+            raise KdpipeError(
+                f"cache verify --live: tap {t.name} of {tpath} has shape {list(t.shape)}, the cache says "
+                f"{want['shape']}: this is not the teacher of this cache"
+            )
+    spec = TeacherSpec.from_dict(m["teacher"]["spec"])
+    dataset = load_dataset(data or m["dataset"]["spec"])
+    if dataset.fingerprint() != m["dataset"]["fingerprint"]:
+        raise KdpipeError(
+            f"cache verify --live: dataset {data or m['dataset']['spec']!r} is not the one this cache was "
+            "made from (fingerprint differs); pass --data with the original"
+        )
+    policy = ViewPolicy.from_dict(m["views"]["policy"])
+    samples, views = pick_pairs(len(c), c.num_views, n, seed)
+
+    problems: list[str] = []
+    stored_params = np.asarray(c.array("view_params")[samples, views]).reshape(-1, 5)
+    draw_views = views if policy.kind != "none" else np.full_like(views, -1)
+    drawn = draw_view_params(policy, int(m["views"]["seed"]), samples, draw_views, dataset.sizes()[samples])
+    bad = np.flatnonzero((drawn != stored_params).any(axis=1))
+    if len(bad):
+        s0, v0 = int(samples[bad[0]]), int(views[bad[0]])
+        problems.append(
+            f"view_params: {len(bad)} of {len(samples)} pair(s) differ from the view policy's draw "
+            f"(first: sample {s0} view {v0})"
+        )
+    labels = np.asarray(c.labels)[samples]
+    wrong = np.flatnonzero(labels != dataset.labels[samples])
+    if len(wrong):
+        problems.append(
+            f"labels: {len(wrong)} of {len(samples)} differ from the dataset "
+            f"(first: sample {samples[wrong[0]]})"
+        )
+
+    kinds = list(m["targets"]["kinds"])
+    runner = TeacherRunner(
+        graph,
+        taps,
+        spec,
+        targets=set(kinds),
+        provider=provider,
+        threads=threads,
+        reduce="graph",
+        dct_variants=m["targets"].get("dct", {}).get("variants", ()),
+        spinning=False,
+    )
+    images = dataset.load(samples)
+    per_item = images if isinstance(images, np.ndarray) else list(images)
+    inputs = spec.preprocess(apply_views(per_item, stored_params, policy))
+    live: dict[str, list[np.ndarray]] = {}
+    for b in range(0, len(inputs), batch_size):
+        for k, v in runner.run(inputs[b : b + batch_size]).items():
+            live.setdefault(k, []).append(v)
+
+    reports: dict[str, KindReport] = {}
+    for name, meta in m["arrays"].items():
+        if name in ("labels", "view_params"):
+            continue
+        kind = name.split(".")[0]
+        got = np.concatenate(live[name]).astype(np.float64).reshape(len(samples), -1)
+        stored = c.gather(name, samples, views).astype(np.float64).reshape(len(samples), -1)
+        rtol = RTOL[meta["dtype"]]
+        scale = np.maximum(np.abs(got), FLOOR * np.abs(got).max(axis=1, keepdims=True))
+        diff = np.abs(stored - got)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(diff == 0, 0.0, diff / (rtol * scale))
+        ratio = np.where(np.isnan(ratio), np.inf, ratio)
+        r = reports.setdefault(kind, KindReport(kind, meta["dtype"]))
+        r.arrays.append(name)
+        r.max_abs_diff = max(r.max_abs_diff, float(np.nan_to_num(diff, nan=np.inf).max(initial=0.0)))
+        r.worst = max(r.worst, float(ratio.max(initial=0.0)))
+    ordered = [reports[k] for k in ("logits", "at", "dct", "pooled") if k in reports]
+    return LiveReport(len(samples), str(tpath), matches, ordered, problems)
+
+
+def format_report(rep: LiveReport) -> list[str]:
+    """One line per target kind, then the problems."""
+    lines = [
+        f"live: re-ran the teacher {rep.teacher} on {rep.pairs} random (sample, view) pair(s)"
+        + ("" if rep.teacher_matches else " (WARNING: its sha256 differs from the one in the manifest)")
+    ]
+    for k in rep.kinds:
+        verdict = f"OK ({k.worst:.2g} of the tolerance)" if k.ok else f"BEYOND TOLERANCE ({k.worst:.3g}x)"
+        lines.append(
+            f"  {k.kind:<7} max |stored - live| = {k.max_abs_diff:.3g}  "
+            f"({k.dtype}, rtol {RTOL[k.dtype]:g}; {len(k.arrays)} array(s))  {verdict}"
+        )
+    lines += [f"  MISMATCH: {p}" for p in rep.problems]
+    return lines
