@@ -77,6 +77,11 @@ def _kill_when(proc: subprocess.Popen, cond: Any, timeout: float) -> int:
     return proc.wait(timeout=30)
 
 
+def _sleep(seconds: float) -> bool:
+    time.sleep(seconds)
+    return True
+
+
 def _files(root: Path) -> dict[str, bytes]:
     """Every file below ``root`` (relative path -> bytes), without the volatile ones."""
     return {
@@ -125,16 +130,25 @@ def test_cache_teacher_survives_20_random_sigkills(tmp_path: Path, ref_cache: Pa
     rng = random.Random(10)
     kills = mid_run = 0
     journal = cut / SHARD / "journal.jsonl"
+
+    def lines() -> int:
+        return journal.read_bytes().count(b"\n") if journal.exists() else 0
+
     while kills < KILLS:
-        rc = _kill_at(_start(_cache_args(cut)), rng.uniform(0.0, span))
+        proc = _start(_cache_args(cut))
+        if kills % 2:  # a random moment of the whole process, start-up included
+            rc = _kill_at(proc, rng.uniform(0.0, span))
+        else:  # a random moment after a random number of journaled chunks (start-up can be most of span)
+            after, extra = lines() + rng.randint(1, 12), rng.uniform(0.0, 0.02)
+            rc = _kill_when(proc, lambda after=after, extra=extra: lines() >= after and _sleep(extra), span * 4)
         _never_falsely_complete(cut)
         if rc == -signal.SIGKILL:
             kills += 1
-            mid_run += journal.exists() and 0 < journal.read_bytes().count(b"\n") < 16
+            mid_run += 0 < lines() < 16
         else:
             assert rc == 0
             shutil.rmtree(cut)  # finished before the kill: start over, the kills must land mid-run
-    assert mid_run >= 3, "too few kills landed between the first and the last chunk"
+    assert mid_run >= KILLS // 4, "too few kills landed between the first and the last chunk"
     r = run_proc(_cache_args(cut))
     assert r.returncode == 0, r.stderr
     assert kc.open(cut).complete and kc.verify(cut) == []
