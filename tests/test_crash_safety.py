@@ -140,7 +140,9 @@ def test_cache_teacher_survives_20_random_sigkills(tmp_path: Path, ref_cache: Pa
             rc = _kill_at(proc, rng.uniform(0.0, span))
         else:  # a random moment after a random number of journaled chunks (start-up can be most of span)
             after, extra = lines() + rng.randint(1, 12), rng.uniform(0.0, 0.02)
-            rc = _kill_when(proc, lambda after=after, extra=extra: lines() >= after and _sleep(extra), span * 4)
+            rc = _kill_when(
+                proc, lambda after=after, extra=extra: lines() >= after and _sleep(extra), span * 4
+            )
         _never_falsely_complete(cut)
         if rc == -signal.SIGKILL:
             kills += 1
