@@ -9,20 +9,18 @@ overflow, from a float64 NumPy forward pass of the same weights), never from kdp
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import re
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from _distill import export_quiet
 from click.testing import CliRunner
 
 import kdpipe.cache as kc
@@ -58,20 +56,7 @@ class Teacher(nn.Module):
 def _export(mode: str, path: Path) -> tuple[str, Teacher]:
     torch.manual_seed(0)
     m = Teacher(mode).eval()
-    sink = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            m,
-            (torch.rand(2, 3, SIZE, SIZE),),
-            str(path),
-            dynamo=False,
-            input_names=["image"],
-            output_names=["logits"],
-            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=17,
-        )
-    return str(path), m
+    return str(export_quiet(m, torch.rand(2, 3, SIZE, SIZE), path)), m
 
 
 @pytest.fixture(scope="module")
