@@ -187,8 +187,9 @@ def verify_for_training(cache: Any, names: list[str], enabled: bool, world: Worl
     t0 = time.perf_counter()
     problems = verify(cache.path, names, part=(world.rank, world.world_size))
     bad = len(problems)
-    if world.distributed:
-        flag = torch.tensor([bad], dtype=torch.int64)
+    if world.distributed:  # NCCL reduces only CUDA tensors
+        nccl = torch.distributed.get_backend() == "nccl"
+        flag = torch.tensor([bad], dtype=torch.int64, device=f"cuda:{world.local_rank}" if nccl else "cpu")
         torch.distributed.all_reduce(flag)
         bad = int(flag.item())
     if bad:
