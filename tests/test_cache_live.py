@@ -104,3 +104,18 @@ def test_live_mistakes_are_one_line(tmp_path):
     ]:
         r = run_cli(["cache", "verify", c, "--live", "5", *args])
         assert r.exit_code == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_live_check_on_default_targets_and_top_k_logits(tmp_path):
+    """The default targets (no stored DCT) and top-K logits: the dense logits distill rebuilds from
+    the stored top K are compared with those rebuilt from the teacher's live top K."""
+    from _distill import teacher, train_data
+
+    out = tmp_path / "topk"
+    r = run_cli(["cache-teacher", teacher(), "--data", train_data(), "--out", str(out), "--views", "2",
+                 "--logits", "topk:2", "--threads", "1", "--no-progress"])  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    r = run_cli(["cache", "verify", str(out), "--live", "24"])
+    assert r.exit_code == 0, r.stdout + r.stderr
+    got = kinds(r.stdout)
+    assert set(got) == {"logits", "at", "pooled"} and all(v == "OK" for _, v in got.values()), got

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -76,12 +77,38 @@ def live_check(
     """Re-run the teacher on ``n`` random (sample, view) pairs of the cache at ``path`` and compare."""
     from kdpipe import cache as cache_mod
     from kdpipe.data import load_dataset
-    from kdpipe.data.views import ViewPolicy, apply_views, draw_view_params
-    from kdpipe.teacher import TeacherRunner, TeacherSpec, load_teacher, resolve_taps
 
     if n < 1:
         raise KdpipeError(f"--live {n}: give the number of (sample, view) pairs to re-run, e.g. --live 64")
     c = cache_mod.open(path)
+    m = c.manifest
+    tpath, graph, taps = _teacher_of(c, path, teacher)
+    dataset = load_dataset(data or m["dataset"]["spec"], exclude=m["dataset"].get("skipped", []))
+    if dataset.fingerprint() != m["dataset"]["fingerprint"]:
+        raise KdpipeError(
+            f"cache verify --live: dataset {data or m['dataset']['spec']!r} is not the one this cache was "
+            "made from (fingerprint differs); pass --data with the original"
+        )
+    samples, views = pick_pairs(len(c), c.num_views, n, seed)
+    params = np.asarray(c.array("view_params")[samples, views]).reshape(-1, 5)
+    problems = _check_views_and_labels(c, dataset, samples, views, params)
+    live = _run_teacher(c, graph, taps, dataset, samples, params, provider, threads, batch_size)
+    stored = {name: _stored(c, name, samples, views) for name in live}
+    reports: dict[str, KindReport] = {}
+    for name, got in live.items():
+        dtype = "float16" if name == "logits" and "logits" not in m["arrays"] else m["arrays"][name]["dtype"]
+        r = reports.setdefault(name.split(".")[0], KindReport(name.split(".")[0], dtype))
+        r.arrays.append(name)
+        diff, worst = _compare(stored[name], got, RTOL[dtype])
+        r.max_abs_diff, r.worst = max(r.max_abs_diff, diff), max(r.worst, worst)
+    ordered = [reports[k] for k in ("logits", "at", "dct", "pooled") if k in reports]
+    return LiveReport(len(samples), str(tpath), graph.sha256 == m["teacher"]["sha256"], ordered, problems)
+
+
+def _teacher_of(c: Any, path: str | os.PathLike, teacher: str | None) -> tuple[str, Any, list[Any]]:
+    """(path, graph, taps) of the teacher file, checked against the taps the cache records."""
+    from kdpipe.teacher import load_teacher, resolve_taps
+
     m = c.manifest
     tpath = teacher or (m.get("run") or {}).get("teacher_file")
     if not tpath or not Path(tpath).is_file():
@@ -90,7 +117,6 @@ def live_check(
             "pass --teacher PATH (the same ONNX file)"
         )
     graph = load_teacher(str(tpath))
-    matches = graph.sha256 == m["teacher"]["sha256"]
     names = [t["name"] for t in m.get("taps", [])]
     taps = resolve_taps(graph, names) if names else []
     for t, want in zip(taps, m.get("taps", []), strict=True):
@@ -99,74 +125,97 @@ def live_check(
                 f"cache verify --live: tap {t.name} of {tpath} has shape {list(t.shape)}, the cache says "
                 f"{want['shape']}: this is not the teacher of this cache"
             )
-    spec = TeacherSpec.from_dict(m["teacher"]["spec"])
-    dataset = load_dataset(data or m["dataset"]["spec"])
-    if dataset.fingerprint() != m["dataset"]["fingerprint"]:
-        raise KdpipeError(
-            f"cache verify --live: dataset {data or m['dataset']['spec']!r} is not the one this cache was "
-            "made from (fingerprint differs); pass --data with the original"
-        )
-    policy = ViewPolicy.from_dict(m["views"]["policy"])
-    samples, views = pick_pairs(len(c), c.num_views, n, seed)
+    return str(tpath), graph, taps
 
-    problems: list[str] = []
-    stored_params = np.asarray(c.array("view_params")[samples, views]).reshape(-1, 5)
+
+def _check_views_and_labels(
+    c: Any, dataset: Any, samples: np.ndarray, views: np.ndarray, params: np.ndarray
+) -> list[str]:
+    """Stored view parameters against the view policy's own draw, stored labels against the dataset."""
+    from kdpipe.data.views import ViewPolicy, draw_view_params
+
+    m = c.manifest
+    policy = ViewPolicy.from_dict(m["views"]["policy"])
     draw_views = views if policy.kind != "none" else np.full_like(views, -1)
     drawn = draw_view_params(policy, int(m["views"]["seed"]), samples, draw_views, dataset.sizes()[samples])
-    bad = np.flatnonzero((drawn != stored_params).any(axis=1))
+    problems = []
+    bad = np.flatnonzero((drawn != params).any(axis=1))
     if len(bad):
         s0, v0 = int(samples[bad[0]]), int(views[bad[0]])
         problems.append(
             f"view_params: {len(bad)} of {len(samples)} pair(s) differ from the view policy's draw "
             f"(first: sample {s0} view {v0})"
         )
-    labels = np.asarray(c.labels)[samples]
-    wrong = np.flatnonzero(labels != dataset.labels[samples])
+    wrong = np.flatnonzero(np.asarray(c.labels)[samples] != dataset.labels[samples])
     if len(wrong):
         problems.append(
             f"labels: {len(wrong)} of {len(samples)} differ from the dataset "
             f"(first: sample {samples[wrong[0]]})"
         )
+    return problems
 
-    kinds = list(m["targets"]["kinds"])
+
+def _run_teacher(
+    c: Any, graph: Any, taps: list[Any], dataset: Any, samples: np.ndarray, params: np.ndarray,
+    provider: str, threads: int | None, batch_size: int,
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """The teacher's targets of the rebuilt views, by stored array name (float32). A top-K cache gets
+    the dense logits rebuilt from the live top K (what distill rebuilds from the stored ones)."""
+    from kdpipe.cache_teacher import top_k_logits
+    from kdpipe.data.views import ViewPolicy, apply_views
+    from kdpipe.targets import dense_logits
+    from kdpipe.teacher import TeacherRunner, TeacherSpec
+
+    m = c.manifest
+    spec = TeacherSpec.from_dict(m["teacher"]["spec"])
     runner = TeacherRunner(
-        graph,
-        taps,
-        spec,
-        targets=set(kinds),
-        provider=provider,
-        threads=threads,
-        reduce="graph",
-        dct_variants=m["targets"].get("dct", {}).get("variants", ()),
-        spinning=False,
-    )
+        graph, taps, spec, targets=set(m["targets"]["kinds"]), provider=provider, threads=threads,
+        reduce="graph", dct_variants=m["targets"].get("dct", {}).get("variants", ()), spinning=False,
+    )  # fmt: skip
     images = dataset.load(samples)
     per_item = images if isinstance(images, np.ndarray) else list(images)
-    inputs = spec.preprocess(apply_views(per_item, stored_params, policy))
-    live: dict[str, list[np.ndarray]] = {}
+    inputs = spec.preprocess(apply_views(per_item, params, ViewPolicy.from_dict(m["views"]["policy"])))
+    parts: dict[str, list[np.ndarray]] = {}
     for b in range(0, len(inputs), batch_size):
         for k, v in runner.run(inputs[b : b + batch_size]).items():
-            live.setdefault(k, []).append(v)
+            parts.setdefault(k, []).append(v)
+    live = {k: np.concatenate(v) for k, v in parts.items() if k in m["arrays"]}
+    if "logits.topk" in m["arrays"]:
+        top = top_k_logits(np.concatenate(parts["logits"]), m["arrays"]["logits.topk"]["shape"][0])
+        values, index, rest = (torch_of(top[k]) for k in ("logits.topk", "logits.topk_index", "logits.rest"))
+        live["logits"] = dense_logits(values, index, rest, int(m["teacher"]["num_classes"])).numpy()
+    return live
 
-    reports: dict[str, KindReport] = {}
-    for name, meta in m["arrays"].items():
-        if name in ("labels", "view_params"):
-            continue
-        kind = name.split(".")[0]
-        got = np.concatenate(live[name]).astype(np.float64).reshape(len(samples), -1)
-        stored = c.gather(name, samples, views).astype(np.float64).reshape(len(samples), -1)
-        rtol = RTOL[meta["dtype"]]
-        scale = np.maximum(np.abs(got), FLOOR * np.abs(got).max(axis=1, keepdims=True))
-        diff = np.abs(stored - got)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.where(diff == 0, 0.0, diff / (rtol * scale))
-        ratio = np.where(np.isnan(ratio), np.inf, ratio)
-        r = reports.setdefault(kind, KindReport(kind, meta["dtype"]))
-        r.arrays.append(name)
-        r.max_abs_diff = max(r.max_abs_diff, float(np.nan_to_num(diff, nan=np.inf).max(initial=0.0)))
-        r.worst = max(r.worst, float(ratio.max(initial=0.0)))
-    ordered = [reports[k] for k in ("logits", "at", "dct", "pooled") if k in reports]
-    return LiveReport(len(samples), str(tpath), matches, ordered, problems)
+
+def _stored(c: Any, name: str, samples: np.ndarray, views: np.ndarray) -> np.ndarray:
+    """Stored values of target ``name`` of the pairs; for a top-K cache, "logits" are rebuilt dense."""
+    from kdpipe.targets import dense_logits
+
+    if name != "logits" or "logits" in c.arrays:
+        return c.gather(name, samples, views)
+    values, index, rest = (
+        torch_of(c.gather(k, samples, views)) for k in ("logits.topk", "logits.topk_index", "logits.rest")
+    )
+    return dense_logits(values, index, rest, int(c.manifest["teacher"]["num_classes"])).numpy()
+
+
+def torch_of(a: np.ndarray) -> Any:
+    """A torch view of a NumPy array (torch is imported only when needed)."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def _compare(stored: np.ndarray, got: np.ndarray, rtol: float) -> tuple[float, float]:
+    """(largest |stored - live|, largest |diff| / allowed) with the module's per-element tolerance."""
+    got = got.astype(np.float64).reshape(len(got), -1)
+    stored = stored.astype(np.float64).reshape(len(got), -1)
+    scale = np.maximum(np.abs(got), FLOOR * np.abs(got).max(axis=1, keepdims=True))
+    diff = np.abs(stored - got)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(diff == 0, 0.0, diff / (rtol * scale))
+    ratio = np.where(np.isnan(ratio), np.inf, ratio)
+    return float(np.nan_to_num(diff, nan=np.inf).max(initial=0.0)), float(ratio.max(initial=0.0))
 
 
 def format_report(rep: LiveReport) -> list[str]:
