@@ -364,7 +364,7 @@ def estimate(manifest: dict) -> dict[str, Any]:
     n, v = manifest["num_samples"], manifest["num_views"]
     return {
         "estimate": True,
-        "arrays": {k: a.row_bytes(1) if a.per == "view" else a.row_bytes(v) / v for k, a in arrays.items()},
+        "arrays": fmt.view_bytes(arrays, v),
         "bytes_per_view": fmt.bytes_per_view(arrays, v),
         "samples": n,
         "views": v,

@@ -478,11 +478,15 @@ def byte_view(a: np.ndarray) -> memoryview:
     return np.ascontiguousarray(a).reshape(-1).view(np.uint8).data
 
 
+def view_bytes(arrays: dict[str, ArraySpec], num_views: int) -> dict[str, float]:
+    """Stored bytes per (sample, view) of each array: a per-view row, or a per-sample row / views."""
+    return {k: a.row_bytes(1) if a.per == "view" else a.row_bytes(num_views) / max(num_views, 1)
+            for k, a in arrays.items()}  # fmt: skip
+
+
 def bytes_per_view(arrays: dict[str, ArraySpec], num_views: int) -> float:
-    """Stored bytes per (sample, view): every per-view array's row, plus per-sample rows / views."""
-    per_view = sum(a.row_bytes(1) for a in arrays.values() if a.per == "view")
-    per_sample = sum(a.row_bytes(num_views) for a in arrays.values() if a.per != "view")
-    return per_view + per_sample / max(num_views, 1)
+    """Stored bytes per (sample, view) of the whole cache (the sum of ``view_bytes``)."""
+    return sum(view_bytes(arrays, num_views).values())
 
 
 def projected_bytes(arrays: dict[str, ArraySpec], num_samples: int, num_views: int) -> int:

@@ -361,10 +361,9 @@ def create_or_resume(path: str | os.PathLike, manifest: dict, shard: tuple[int, 
         raise KdpipeError(f"--out {root} is a file, not a folder; choose a folder for the cache")
     try:
         root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".kdpipe-write-test.{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
+    except (
+        OSError
+    ) as e:  # an existing folder that cannot be written fails below, through the CLI's OSError line
         raise KdpipeError(
             f"cannot write the cache folder --out {root} ({e.strerror or e}); choose a folder you can "
             "write to"
@@ -373,10 +372,7 @@ def create_or_resume(path: str | os.PathLike, manifest: dict, shard: tuple[int, 
     if not mpath.exists():
         # another worker of the same array job may create the manifest (then shards/) meanwhile
         others = [
-            e
-            for e in os.listdir(root)
-            if not (e.startswith(f".{fmt.MANIFEST}.") and e.endswith(".tmp"))
-            and not e.startswith(".kdpipe-write-test.")  # another worker's probe
+            e for e in os.listdir(root) if not (e.startswith(f".{fmt.MANIFEST}.") and e.endswith(".tmp"))
         ]
         if not others:
             fmt.write_json_atomic(mpath, fmt.full_manifest(caller, n, __version__), exclusive=True)

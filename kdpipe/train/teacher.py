@@ -186,15 +186,17 @@ def verify_for_training(cache: Any, names: list[str], enabled: bool, world: Worl
         return
     t0 = time.perf_counter()
     problems = verify(cache.path, names, part=(world.rank, world.world_size))
-    bad = len(problems)
-    if world.distributed:  # NCCL reduces only CUDA tensors
+    bad = bool(problems)
+    if world.distributed:  # any rank's damage stops every rank; NCCL reduces only CUDA tensors
         nccl = torch.distributed.get_backend() == "nccl"
-        flag = torch.tensor([bad], dtype=torch.int64, device=f"cuda:{world.local_rank}" if nccl else "cpu")
-        torch.distributed.all_reduce(flag)
-        bad = int(flag.item())
+        flag = torch.tensor(
+            [int(bad)], dtype=torch.int64, device=f"cuda:{world.local_rank}" if nccl else "cpu"
+        )
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        bad = bool(flag.item())
     if bad:
         first = problems[0] if problems else "damage found by another rank (see its message)"
-        more = f" (and {bad - 1} more problem(s))" if bad > 1 else ""
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
         raise KdpipeError(
             f"cache {cache.path} is damaged: {first}{more}; nothing was trained. `kdpipe cache verify "
             f"{cache.path}` lists every problem"
