@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml CMakeLists.txt constraints.txt $(NATIVE)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -c constraints.txt torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e ".[cpu,dev,demo,tensorboard]"
+	# onnx2torch (the differentiable teacher replica of --targets grad) declares torchvision, which
+	# would pull a CUDA torch: installed without its dependencies (numpy, onnx, torch are already here).
+	$(PIP) install -q -c constraints.txt --no-deps onnx2torch==1.5.15
 	$(PY) -m kdpipe doctor --quiet
 	touch $(STAMP)
 

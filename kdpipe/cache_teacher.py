@@ -20,11 +20,13 @@ import numpy as np
 from kdpipe import __version__, ops
 from kdpipe.cache import format as fmt
 from kdpipe.errors import KdpipeError
+from kdpipe.gradient import parse_form
 from kdpipe.progress import Progress
 
-ALL_TARGETS = ("logits", "at", "dct", "pooled")
+ALL_TARGETS = ("logits", "at", "dct", "pooled", "grad")
 # DCT targets are derived from the at maps at training time unless asked for (kdpipe/targets.py)
 DEFAULT_TARGETS = ("logits", "at", "pooled")
+GRAD_DEFINITION = "d(sum_b CE(teacher(x_b), y_b))/du, u = RGB NCHW image in [0,1] (pixel/255) before mean/std"
 
 
 @dataclass
@@ -62,6 +64,8 @@ class CacheJob:
     # accept NaN/inf teacher outputs: the cache is completed and COMPLETE.json records them; without it
     # every chunk is still written and journaled, only completion is refused (a rerun with it resumes)
     allow_nonfinite: bool = False
+    grad_form: str = "full"  # --targets grad: full | csum | pool:K | csum+pool:K (kdpipe/gradient.py)
+    grad_dtype: str = "float16"  # storage dtype of the grad array
 
 
 def view_policy_for(job: CacheJob, size: tuple[int, int], image_side: int) -> Any:
@@ -122,6 +126,10 @@ def build_manifest(job: CacheJob, graph: Any, taps: list[Any], spec: Any, datase
                 arrays[f"dct.{v}.{i}"] = {"shape": [h, w], "dtype": job.map_dtype, "per": "view"}
         if "pooled" in job.targets:
             arrays[f"pooled.{i}"] = {"shape": [c], "dtype": job.vec_dtype or "float16", "per": "view"}
+    if "grad" in job.targets:
+        form = parse_form(job.grad_form, spec.size[0])
+        shape = form.shape((spec.normalize.channels, *spec.size))
+        arrays["grad"] = {"shape": list(shape), "dtype": job.grad_dtype, "per": "view"}
     chunk = job.chunk_size or max(1, 4096 // num_views)
     return {
         "kind": "kdpipe-teacher-cache",
@@ -145,6 +153,10 @@ def build_manifest(job: CacheJob, graph: Any, taps: list[Any], spec: Any, datase
             "dct": {"variants": list(job.dct_variants), "eps": ops.DCT_EPS},
             "pooled": {"definition": "mean_hw(F)"},
             "logits": {"top_k": topk, "rest": "mean of the other logits" if topk else None},
+            "grad": {
+                "definition": GRAD_DEFINITION,
+                "form": parse_form(job.grad_form).text if "grad" in job.targets else None,
+            },
         },
         "teacher": {
             "sha256": graph.sha256,
@@ -313,7 +325,7 @@ def cache_teacher(job: CacheJob, log: Any = print) -> dict[str, Any]:
                 graph,
                 taps,
                 spec,
-                targets=set(job.targets),
+                targets=(set(job.targets) - {"grad"}) | {"logits"},  # logits: the top-1 printed
                 provider=job.provider,
                 threads=job.threads,
                 reduce=job.reduce,
@@ -328,8 +340,11 @@ def cache_teacher(job: CacheJob, log: Any = print) -> dict[str, Any]:
                 log(f"shard {shard} ({shard.source}): {len(pending)} chunk(s) to do")
             elif len(pending) < len(writer.chunks):
                 log(f"resuming: {len(pending)} of {len(writer.chunks)} chunk(s) left")
+            grads = _teacher_gradients(job, graph, taps, spec, log)
             t0 = time.perf_counter()
-            correct, seen = _run_chunks(job, writer, runner, manifest, order, prepare, first, total_items)
+            correct, seen = _run_chunks(
+                job, writer, runner, manifest, order, prepare, first, total_items, grads
+            )
         _finish(job, writer, log)
     finally:
         writer.close()
@@ -342,6 +357,21 @@ def cache_teacher(job: CacheJob, log: Any = print) -> dict[str, Any]:
             "class order, or wrong preprocessing (check --card / --mean / --std / --bgr)"
         )
     return _summary(job, manifest, shard, total_items, elapsed, accuracy, runner.providers)
+
+
+def _teacher_gradients(job: CacheJob, graph: Any, taps: list[Any], spec: Any, log: Any) -> Any:
+    """The J_T source of ``--targets grad`` (None without it): the replica, built once per job."""
+    if "grad" not in job.targets:
+        return None
+    import torch
+
+    from kdpipe.teacher.gradients import TeacherGradients
+
+    torch.set_num_threads(job.threads or ops.allowed_cpus())
+    grads = TeacherGradients(graph, taps, spec, parse_form(job.grad_form), batch_size=job.batch_size)
+    log(f"grad: PyTorch replica of the teacher built (onnx2torch); J_T form {grads.form.text}, "
+        f"{grads.shape} per view; checked against onnxruntime on the first batch")  # fmt: skip
+    return grads
 
 
 def top_k_logits(logits: np.ndarray, k: int) -> dict[str, np.ndarray]:
@@ -414,7 +444,7 @@ def _overflow_error(name: str, x: np.ndarray, dtype: str, start: int) -> KdpipeE
     over = ops.storage_overflow(x, dtype)
     samples = (np.flatnonzero(over.any(axis=1)) + start).tolist()
     first = ", ".join(str(s) for s in samples[:10]) + (", ..." if len(samples) > 10 else "")
-    flag = "--dtype" if name.split(".")[0] in ("at", "dct") else "--vec-dtype"
+    flag = {"at": "--dtype", "dct": "--dtype", "grad": "--grad-dtype"}.get(name.split(".")[0], "--vec-dtype")
     return KdpipeError(
         f"target {name} overflows {dtype} in {len(samples)} sample(s) ({first}; max |x| = "
         f"{float(np.abs(x[over]).max()):.4g}); rerun with {flag} float32 into a new --out folder"
@@ -462,6 +492,7 @@ def _run_chunks(
     prepare: Callable[[int], Future],
     first: Future,
     total_items: int,
+    grads: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> tuple[int, int]:
     """Run the chunks ``order`` (``prepare(k)`` submits the k-th one's inputs, ``first`` is chunk 0's);
     returns (correct, seen).
@@ -481,6 +512,8 @@ def _run_chunks(
             fut = prepare(k + 1) if k + 1 < len(order) else None
             out = _run_batches(runner, prep.inputs, job.batch_size)
             n = prep.stop - prep.start
+            if grads is not None:  # J_T through the replica, with each view's true label
+                out["grad"] = grads(prep.inputs, np.repeat(prep.labels, num_views))
             _check_shapes(out, manifest, n * num_views)
             if "logits" in out:
                 pred = out["logits"].argmax(1).reshape(n, num_views)

@@ -145,7 +145,21 @@ def inspect(teacher: str) -> None:
     "--targets",
     default="logits,at,pooled",
     show_default=True,
-    help="Which targets to cache (add dct to store DCT targets; by default distill derives them from at).",
+    help="Which targets to cache (add dct to store DCT targets; by default distill derives them from at; "
+    "grad: the input gradient for --method grad-at).",
+)
+@click.option(
+    "--grad-form",
+    default="full",
+    show_default=True,
+    help="--targets grad: full (C,H,W), csum (channel sum), pool:K (area-pooled to KxK) or csum+pool:K.",
+)
+@click.option(
+    "--grad-dtype",
+    default="float16",
+    show_default=True,
+    type=click.Choice(["float16", "bfloat16", "float32"]),
+    help="Storage dtype of the grad array.",
 )
 @click.option(
     "--dct-variant",
@@ -232,6 +246,8 @@ def cache_teacher_cmd(
     out: str,
     taps: str,
     targets: str,
+    grad_form: str,
+    grad_dtype: str,
     dct_variant: str,
     views: int,
     augment: str,
@@ -301,6 +317,8 @@ def cache_teacher_cmd(
         progress=not no_progress,
         skip_bad=skip_bad,
         allow_nonfinite=allow_nonfinite,
+        grad_form=grad_form,
+        grad_dtype=grad_dtype,
     )
     s = cache_teacher(job, log=lambda m: click.echo(m, err=True))
     if s.get("estimate"):

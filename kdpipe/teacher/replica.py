@@ -1,0 +1,250 @@
+"""A differentiable PyTorch replica of the ONNX teacher (onnxruntime has no autodiff).
+
+Built once per job with onnx2torch 1.5.x (installed with ``--no-deps``: it declares torchvision only
+for its NMS/RoIAlign converters, which kdpipe does not support). Before conversion the graph's gaps
+are closed with the onnx library's own tools and a few small rewrites of our own:
+
+- ``Conv``/pool ``auto_pad`` SAME_UPPER/SAME_LOWER (jax2onnx) -> explicit ``pads`` from the inferred
+  static input shape (onnx2torch refuses auto_pad);
+- opset > 17 (the default torch exporter writes 18+, jax2onnx 23) -> ``onnx.version_converter`` to 17,
+  the newest opset onnx2torch converts (ReduceMean-18 takes ``axes`` as an input);
+- the converter's leftover ``noop_with_empty_axes`` attribute on opset-17 Reduce nodes is dropped
+  (it only exists from opset 18 and means nothing when ``axes`` is given);
+- ``Reshape allowzero=1`` (dynamo) is dropped when its shape is a constant without zeros (then the
+  flag changes nothing).
+
+The replica is checked against onnxruntime's logits and tap activations on the first batch
+(:func:`check_replica`); an op it cannot convert is one line naming the op and the node.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import types
+import warnings
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+
+from kdpipe.errors import KdpipeError
+from kdpipe.teacher.graph import TeacherGraph, default_opset
+from kdpipe.teacher.surgery import expose
+from kdpipe.teacher.taps import TapInfo
+
+TARGET_OPSET = 17  # the newest default-domain opset onnx2torch 1.5.15 converts
+CHECK_RTOL = 1e-3  # replica vs onnxruntime: max |diff| <= CHECK_RTOL * max(max |ort|, 1) per tensor
+UNSUPPORTED = frozenset({"NonMaxSuppression", "RoiAlign"})  # need torchvision, and have no useful gradient
+_AUTO_PAD_OPS = frozenset({"Conv", "MaxPool", "AveragePool"})
+
+
+def _onnx2torch() -> Any:
+    """Import onnx2torch without torchvision: a stand-in module satisfies its detection-op imports
+    and is removed again, so nothing else sees a fake torchvision."""
+    try:
+        import onnx2torch
+    except ModuleNotFoundError as e:
+        if e.name != "torchvision":
+            raise KdpipeError(
+                "--targets grad needs onnx2torch: pip install --no-deps onnx2torch==1.5.15 (make install "
+                "does it)"
+            ) from e
+        stub = types.ModuleType("torchvision")
+        stub.ops = types.ModuleType("torchvision.ops")  # type: ignore[attr-defined]
+        stub.ops.roi_align = None  # type: ignore[attr-defined]
+        sys.modules["torchvision"], sys.modules["torchvision.ops"] = stub, stub.ops  # type: ignore[attr-defined]
+        try:
+            for name in [m for m in sys.modules if m.startswith("onnx2torch")]:
+                del sys.modules[name]
+            import onnx2torch
+        finally:
+            del sys.modules["torchvision"], sys.modules["torchvision.ops"]
+    return onnx2torch
+
+
+def _explicit_pads(node: onnx.NodeProto, shapes: dict[str, tuple[int | None, ...]]) -> None:
+    """Replace SAME_UPPER/SAME_LOWER ``auto_pad`` of ``node`` by explicit ``pads`` (in place), from the
+    inferred static ``shapes`` of its input (and of a Conv's weight, when it has no kernel_shape)."""
+    in_shape = shapes.get(node.input[0])
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    mode = attrs.get("auto_pad", b"NOTSET")
+    mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+    if mode not in ("SAME_UPPER", "SAME_LOWER"):
+        return
+    if in_shape is None or any(d is None for d in in_shape[2:]):
+        raise KdpipeError(
+            f"the teacher's {node.op_type} node {node.name!r} uses auto_pad {mode} on an input of unknown "
+            "size; re-export with explicit pads or a fixed input size"
+        )
+    spatial = [int(d) for d in in_shape[2:] if d is not None]
+    kernel = list(attrs.get("kernel_shape", shapes.get(node.input[1], ())[2:] if len(node.input) > 1 else ()))
+    strides = list(attrs.get("strides", [1] * len(spatial)))
+    dil = list(attrs.get("dilations", [1] * len(spatial)))
+    begin, end = [], []
+    for size, k, s, d in zip(spatial, kernel, strides, dil, strict=True):
+        total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+        small, large = total // 2, total - total // 2
+        begin.append(small if mode == "SAME_UPPER" else large)
+        end.append(large if mode == "SAME_UPPER" else small)
+    keep = [a for a in node.attribute if a.name not in ("auto_pad", "pads")]
+    del node.attribute[:]
+    node.attribute.extend([*keep, helper.make_attribute("pads", begin + end)])
+
+
+def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Initializers and Constant-node outputs of ``model`` by tensor name."""
+    out = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            out[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    return out
+
+
+def _after_conversion(model: onnx.ModelProto) -> None:
+    """Fix, in place, what onnx2torch refuses after the opset conversion (module docstring)."""
+    consts = _constants(model)
+    for node in model.graph.node:
+        if node.op_type.startswith("Reduce") and any(a.name == "axes" for a in node.attribute):
+            keep = [a for a in node.attribute if a.name != "noop_with_empty_axes"]
+            del node.attribute[:]
+            node.attribute.extend(keep)
+        if node.op_type == "Reshape" and any(a.name == "allowzero" and a.i == 1 for a in node.attribute):
+            shape = consts.get(node.input[1])
+            if shape is None or (shape == 0).any():
+                raise KdpipeError(
+                    f"the teacher's Reshape node {node.name!r} uses allowzero=1 with a shape that is not "
+                    "a constant without zeros; onnx2torch cannot convert it for --targets grad"
+                )
+            keep = [a for a in node.attribute if a.name != "allowzero"]
+            del node.attribute[:]
+            node.attribute.extend(keep)
+
+
+def close_gaps(model: onnx.ModelProto, shapes: dict[str, tuple[int | None, ...]]) -> onnx.ModelProto:
+    """A copy of ``model`` (shapes inferred) that onnx2torch converts: see the module docstring."""
+    m = copy.deepcopy(model)
+    for node in m.graph.node:
+        if node.op_type in _AUTO_PAD_OPS:
+            _explicit_pads(node, shapes)
+    if default_opset(m) > TARGET_OPSET:
+        try:
+            m = onnx.version_converter.convert_version(m, TARGET_OPSET)
+        except Exception as e:  # onnx raises several types; the adapter that failed is in the message
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise KdpipeError(
+                f"onnx.version_converter cannot bring the teacher from opset {default_opset(model)} to "
+                f"{TARGET_OPSET} for --targets grad ({first}); re-export with opset {TARGET_OPSET}"
+            ) from e
+    _after_conversion(m)
+    return m
+
+
+def _unconvertible(model: onnx.ModelProto, o2t: Any, cause: BaseException) -> KdpipeError:
+    """The one-line error naming the first node onnx2torch cannot convert (found node by node)."""
+    from onnx2torch.node_converters import get_converter
+    from onnx2torch.onnx_graph import OnnxGraph
+    from onnx2torch.utils.safe_shape_inference import safe_shape_inference
+
+    opsets = {o.domain: o.version for o in model.opset_import}
+    graph = OnnxGraph(safe_shape_inference(model).graph)
+    for node in graph.nodes.values():
+        proto = node.proto
+        what = f"{proto.op_type} node {proto.name or node.unique_name!r} (opset {opsets.get(node.domain)})"
+        reason = None
+        if proto.op_type in UNSUPPORTED:
+            reason = "detection ops have no input gradient kdpipe supports"
+        else:
+            try:
+                get_converter(domain=node.domain, operation_type=proto.op_type, version=opsets[node.domain])(
+                    node, graph
+                )
+            except Exception as e:
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        if reason is not None:
+            return KdpipeError(
+                f"the teacher's {what} cannot be made differentiable for --targets grad ({reason}); "
+                "docs/methods.md lists the supported ops"
+            )
+    first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
+    return KdpipeError(f"onnx2torch cannot convert the teacher for --targets grad ({first})")
+
+
+class Replica(torch.nn.Module):
+    """The teacher as a differentiable torch function of its model input.
+
+    ``forward(x)`` takes the model input (B, C, H, W) or (B, H, W, C) as the ONNX graph does and
+    returns a dict: ``"logits"`` (B, K) and each exposed tensor by its ONNX name (e.g. the taps).
+    Weights are frozen (``requires_grad=False``) and in eval mode; ``.double()`` gives a float64 replica.
+    """
+
+    def __init__(self, module: torch.nn.Module, outputs: list[str], logits_name: str) -> None:
+        super().__init__()
+        self.module = module.eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.outputs = outputs
+        self.logits_name = logits_name
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        vals = self.module(x)
+        vals = vals if isinstance(vals, tuple | list) else (vals,)
+        out = dict(zip(self.outputs, vals, strict=True))
+        out["logits"] = out[self.logits_name]
+        return out
+
+
+def build_replica(graph: TeacherGraph, taps: list[TapInfo] | None = None) -> Replica:
+    """The replica of ``graph`` with the ``taps`` as extra outputs; KdpipeError (one line) when a node
+    cannot be converted."""
+    names = [t.name for t in taps or []]
+    model = close_gaps(expose(graph.model, names, graph.elem_types), graph.shapes)
+    o2t = _onnx2torch()
+    if any(n.op_type in UNSUPPORTED for n in model.graph.node):
+        raise _unconvertible(model, o2t, NotImplementedError("detection op"))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = o2t.convert(model)
+    except KdpipeError:
+        raise
+    except Exception as e:  # NotImplementedError, KeyError, ... from a converter
+        raise _unconvertible(model, o2t, e) from e
+    return Replica(module, [o.name for o in model.graph.output], graph.logits_name)
+
+
+def _ort_outputs(graph: TeacherGraph, names: list[str], x: np.ndarray) -> list[np.ndarray]:
+    from kdpipe.teacher.runner import make_session
+
+    model = expose(graph.model, names, graph.elem_types)
+    sess = make_session(model.SerializeToString(), "cpu", 1, False)
+    return list(sess.run(names, {graph.input.name: x}))
+
+
+def check_replica(replica: Replica, graph: TeacherGraph, taps: list[TapInfo], x: np.ndarray) -> float:
+    """Compare the replica with onnxruntime on the model input ``x`` (float32, the model's layout):
+    logits and every tap. Returns the worst relative difference; KdpipeError names the worst tensor
+    when it exceeds ``CHECK_RTOL``."""
+    names = [graph.logits_name, *(t.name for t in taps)]
+    want = _ort_outputs(graph, names, x)
+    with torch.no_grad():
+        got = replica(torch.from_numpy(np.ascontiguousarray(x)))
+    worst, where = 0.0, ""
+    for name, ref in zip(names, want, strict=True):
+        mine = got[name].detach().double().numpy()
+        if mine.shape != ref.shape:
+            raise KdpipeError(
+                f"the teacher's PyTorch replica gives {name!r} the shape {mine.shape}, onnxruntime "
+                f"{ref.shape}; the graph cannot be used for --targets grad"
+            )
+        err = float(np.abs(mine - ref).max(initial=0.0)) / max(float(np.abs(ref).max(initial=0.0)), 1.0)
+        if not np.isfinite(err) or err > worst:
+            worst, where = (float("inf") if not np.isfinite(err) else err), name
+    if worst > CHECK_RTOL:
+        raise KdpipeError(
+            f"the teacher's PyTorch replica differs from onnxruntime on the first batch: {where!r} by "
+            f"{worst:.3g} of its scale (tolerance {CHECK_RTOL:g}); --targets grad cannot use this graph"
+        )
+    return worst
