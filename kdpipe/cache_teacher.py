@@ -297,6 +297,7 @@ def cache_teacher(job: CacheJob, log: Any = print) -> dict[str, Any]:
     manifest = build_manifest(job, graph, taps, spec, dataset, policy)
     if job.estimate:
         return estimate(manifest)
+    grads = _teacher_gradients(job, graph, taps, spec, log)  # before anything is written
     shard = discover_shard(job.shard)
     writer = cache_mod.create_or_resume(job.out, manifest, shard=(shard.index, shard.count))
     pending = writer.pending_chunks()
@@ -340,7 +341,6 @@ def cache_teacher(job: CacheJob, log: Any = print) -> dict[str, Any]:
                 log(f"shard {shard} ({shard.source}): {len(pending)} chunk(s) to do")
             elif len(pending) < len(writer.chunks):
                 log(f"resuming: {len(pending)} of {len(writer.chunks)} chunk(s) left")
-            grads = _teacher_gradients(job, graph, taps, spec, log)
             t0 = time.perf_counter()
             correct, seen = _run_chunks(
                 job, writer, runner, manifest, order, prepare, first, total_items, grads
@@ -370,7 +370,7 @@ def _teacher_gradients(job: CacheJob, graph: Any, taps: list[Any], spec: Any, lo
     torch.set_num_threads(job.threads or ops.allowed_cpus())
     grads = TeacherGradients(graph, taps, spec, parse_form(job.grad_form), batch_size=job.batch_size)
     log(f"grad: PyTorch replica of the teacher built (onnx2torch); J_T form {grads.form.text}, "
-        f"{grads.shape} per view; checked against onnxruntime on the first batch")  # fmt: skip
+        f"{grads.shape} per view, checked against onnxruntime on the first batch")  # fmt: skip
     return grads
 
 

@@ -158,9 +158,15 @@ def _unconvertible(model: onnx.ModelProto, o2t: Any, cause: BaseException) -> Kd
             reason = "detection ops have no input gradient kdpipe supports"
         else:
             try:
-                get_converter(domain=node.domain, operation_type=proto.op_type, version=opsets[node.domain])(
-                    node, graph
+                convert = get_converter(
+                    domain=node.domain, operation_type=proto.op_type, version=opsets[node.domain]
                 )
+            except NotImplementedError:
+                reason = "onnx2torch 1.5.15 has no converter for it"
+                convert = None
+            try:
+                if convert is not None:
+                    convert(node, graph)
             except Exception as e:
                 reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         if reason is not None:
@@ -189,7 +195,9 @@ class Replica(torch.nn.Module):
         self.logits_name = logits_name
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        vals = self.module(x)
+        with warnings.catch_warnings():  # onnx2torch's Slice warns about its own indexing
+            warnings.simplefilter("ignore", UserWarning)
+            vals = self.module(x)
         vals = vals if isinstance(vals, tuple | list) else (vals,)
         out = dict(zip(self.outputs, vals, strict=True))
         out["logits"] = out[self.logits_name]

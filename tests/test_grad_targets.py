@@ -1,0 +1,222 @@
+"""`cache-teacher --targets grad`: J_T = d(sum_b CE)/du from the cache against independent references.
+
+- Teachers from both torch exporters (dynamo=True, opset 18+, and dynamo=False, opset 17): the cached
+  J_T equals torch.autograd on the original PyTorch model (float32, 1e-4 relative), on augmented views
+  replayed from the stored view parameters, with a non-trivial mean/std (and BGR, and an NHWC model).
+- The committed tf2onnx (NHWC) and paddle2onnx fixtures: the cached J_T equals a float64 replica's,
+  whose logits equal the framework's own and whose gradient agrees with central finite differences.
+- A teacher op onnx2torch cannot convert is one line naming the op and the node; a replica that
+  disagrees with onnxruntime is one line naming the worst tensor.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import _models as M
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from kdpipe.cli import cli
+from kdpipe.data.views import ViewPolicy, apply_views
+from kdpipe.errors import KdpipeError
+from kdpipe.gradient import parse_form
+from kdpipe.teacher import auto_taps, load_teacher, spec_for
+from kdpipe.teacher.gradients import TeacherGradients
+from kdpipe.teacher.replica import build_replica, check_replica
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SHARD = Path("shards") / "00000-of-00001"
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+
+def _images(n: int, side: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, side, side, 3), dtype=np.uint8)
+
+
+def _cache(tmp_path: Path, teacher: str, x: np.ndarray, y: np.ndarray, *flags: str) -> Path:
+    data, out = tmp_path / "data.npz", tmp_path / "cache"
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    np.savez(data, x=x, y=y)
+    args = ["cache-teacher", teacher, "--data", str(data), "--out", str(out), "--targets", "logits,grad"]
+    args += ["--grad-dtype", "float32", "--threads", "1", "--no-progress", "--batch-size", "5", *flags]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def _stored(out: Path) -> tuple[dict, np.ndarray, np.ndarray]:
+    manifest = json.loads((out / "manifest.json").read_text())
+    return manifest, np.load(out / SHARD / "grad.npy"), np.load(out / SHARD / "view_params.npy")
+
+
+def _replayed(x: np.ndarray, params: np.ndarray, manifest: dict) -> np.ndarray:
+    """The uint8 views (n*V, H, W, 3) the teacher saw, from the stored view parameters."""
+    n, v = params.shape[:2]
+    policy = ViewPolicy.from_dict(manifest["views"]["policy"])
+    return apply_views(x[np.repeat(np.arange(n), v)], params.reshape(n * v, 5), policy)
+
+
+def _close(got: np.ndarray, ref: np.ndarray, rel: float) -> None:
+    """Equal to ``rel`` of the reference's scale, element by element and in norm."""
+    scale = float(np.abs(ref).max())
+    assert scale > 0
+    np.testing.assert_allclose(got, ref, rtol=0, atol=rel * scale)
+    assert np.linalg.norm(got - ref) <= rel * np.linalg.norm(ref)
+
+
+def _torch_reference(name: str, views: np.ndarray, labels: np.ndarray, bgr: bool) -> np.ndarray:
+    """dCE_sum/du of the original torch model, u = views / 255 (RGB NCHW), written out by hand."""
+    mean, std = np.float32(MEAN), np.float32(STD)
+    pix = views[..., ::-1] if bgr else views
+    x = (pix.astype(np.float32) * np.float32(1 / 255) - mean) / std  # NHWC, the spec's float32 formula
+    xt = torch.from_numpy(np.ascontiguousarray(x if name == "nhwc" else x.transpose(0, 3, 1, 2)))
+    xt.requires_grad_(True)
+    ce = torch.nn.functional.cross_entropy(M.model(name)(xt), torch.from_numpy(labels), reduction="sum")
+    (dx,) = torch.autograd.grad(ce, xt)
+    dx = dx.numpy().astype(np.float64)
+    dx = dx if name == "nhwc" else dx.transpose(0, 2, 3, 1)  # NHWC
+    du = dx * (255 * (1 / 255)) / std.astype(np.float64)  # dx/du = 255 * scale / std, scale = 1/255
+    du = du[..., ::-1] if bgr else du
+    return np.ascontiguousarray(du.transpose(0, 3, 1, 2))
+
+
+CASES = [("resnet", "dynamo", False), ("resnet", "legacy", True), ("wrn", "dynamo", True),
+         ("nhwc", "legacy", False), ("nhwc", "dynamo", False)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "exporter", "bgr"), CASES)
+def test_cached_grad_equals_torch_autograd_of_the_original_model(tmp_path, name, exporter, bgr):
+    x = _images(12, M.SIZE)
+    y = (np.arange(12) * 7) % 5
+    flags = ["--views", "2", "--mean", ",".join(map(str, MEAN)), "--std", ",".join(map(str, STD))]
+    out = _cache(tmp_path, M.export(name, exporter, True), x, y, *flags, *(["--bgr"] if bgr else []))
+    manifest, grad, params = _stored(out)
+    assert manifest["arrays"]["grad"] == {"shape": [3, M.SIZE, M.SIZE], "dtype": "float32", "per": "view"}
+    assert manifest["targets"]["grad"]["form"] == "full"
+    views = _replayed(x, params, manifest)
+    assert params[..., 4].any() and not params[..., 4].all()  # some views flipped, some not
+    ref = _torch_reference(name, views, np.repeat(y, 2).astype(np.int64), bgr)
+    _close(grad.reshape(ref.shape).astype(np.float64), ref, 1e-4)
+
+
+def test_reduced_forms_are_the_full_gradient_reduced(tmp_path):
+    x, y = _images(6, M.SIZE), np.arange(6) % 5
+    teacher = M.export("resnet", "legacy", True)
+    full = _stored(_cache(tmp_path / "f", teacher, x, y))[1]
+    small = _stored(_cache(tmp_path / "s", teacher, x, y, "--grad-form", "csum+pool:4"))[1]
+    assert small.shape == (6, 1, 1, 4, 4)
+    ref = full.reshape(6, 3, 4, 2, 4, 2).sum(axis=1).mean(axis=(2, 4))  # channel sum, 2x2 area mean
+    np.testing.assert_allclose(small.reshape(6, 4, 4), ref, rtol=1e-5, atol=1e-9)
+
+
+FOREIGN = ["keras_resnet_tf2onnx", "paddle_resnet_paddle2onnx"]
+
+
+def _fixture(name: str) -> tuple[str, dict[str, np.ndarray]]:
+    with np.load(FIXTURES / f"{name}.npz") as z:
+        return str(FIXTURES / f"{name}.onnx"), {k: z[k] for k in z.files}
+
+
+def _flags(ref: dict[str, np.ndarray]) -> list[str]:
+    mean = ",".join(repr(float(v)) for v in ref["mean"])
+    std = ",".join(repr(float(v)) for v in ref["std"])
+    return ["--scale", repr(float(ref["scale"])), "--mean", mean, "--std", std, "--views", "0"]
+
+
+@pytest.mark.parametrize("name", FOREIGN)
+def test_foreign_teacher_grad_equals_a_float64_replica_checked_by_finite_differences(tmp_path, name):
+    path, ref = _fixture(name)
+    n = len(ref["x"])
+    labels = (np.arange(n) * 3) % 10
+    grad = _stored(_cache(tmp_path, path, ref["x"], labels, *_flags(ref)))[1].reshape(n, 3, 32, 32)
+
+    graph = load_teacher(path)
+    spec = spec_for(graph, scale=float(ref["scale"]), mean=tuple(ref["mean"]), std=tuple(ref["std"]))
+    x = spec.preprocess(ref["x"])  # the model input, in the model's layout (NHWC for tf2onnx)
+    f64 = TeacherGradients(graph, [], spec, parse_form("full"), dtype=torch.float64)
+    ref64 = f64(x, labels)
+    _close(grad.astype(np.float64), ref64, 1e-4)
+    with torch.no_grad():  # the float64 replica is the framework's model: its logits are the framework's
+        logits = f64.replica(torch.from_numpy(x).double())["logits"].numpy()
+    np.testing.assert_allclose(logits, ref["logits"], rtol=1e-5, atol=2e-5)
+
+    # central finite differences of the float64 replica's loss along random directions of u
+    def loss(u: np.ndarray) -> float:
+        mean, std = (np.broadcast_to(ref[k], (3,)).reshape(1, 3, 1, 1) for k in ("mean", "std"))
+        model_x = (u * 255 * float(ref["scale"]) - mean) / std
+        if graph.input.layout == "NHWC":
+            model_x = model_x.transpose(0, 2, 3, 1)
+        with torch.no_grad():
+            z = f64.replica(torch.from_numpy(np.ascontiguousarray(model_x)))["logits"]
+        return float(torch.nn.functional.cross_entropy(z, torch.from_numpy(labels), reduction="sum"))
+
+    u0 = ref["x"].astype(np.float64).transpose(0, 3, 1, 2) / 255
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        d = rng.standard_normal(u0.shape)
+        h = 1e-6
+        fd = (loss(u0 + h * d) - loss(u0 - h * d)) / (2 * h)
+        assert fd == pytest.approx(float((ref64 * d).sum()), rel=1e-5)
+
+
+def _shrink_teacher(path: Path) -> str:
+    """Conv -> Shrink -> global pool -> Gemm: runs in onnxruntime, but onnx2torch has no Shrink."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.standard_normal((5, 4)).astype(np.float32), "fc"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["image", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Shrink", ["c"], ["s"], name="odd_shrink", lambd=0.5),
+        helper.make_node("GlobalAveragePool", ["s"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "fc"], ["logits"], name="fc", transB=1),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "shrink",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 5])],
+        inits,
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def test_an_unconvertible_op_is_one_line_naming_op_and_node(tmp_path):
+    teacher = _shrink_teacher(tmp_path / "shrink.onnx")
+    data = tmp_path / "d.npz"
+    np.savez(data, x=_images(4, 8), y=np.arange(4))
+    args = ["cache-teacher", teacher, "--data", str(data), "--out", str(tmp_path / "c"), "--targets", "grad"]
+    r = CliRunner().invoke(cli, [*args, "--no-progress", "--threads", "1"])
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kdpipe: error: "), r.stderr
+    assert "Shrink node 'odd_shrink'" in lines[0] and "opset 17" in lines[0], lines[0]
+    assert "Traceback" not in r.output
+    # the same teacher without grad caches fine: only the gradient needs the replica
+    ok = CliRunner().invoke(cli, [*args[:-1], "logits", "--no-progress", "--threads", "1"])
+    assert ok.exit_code == 0, ok.output
+
+
+def test_a_replica_that_disagrees_with_onnxruntime_names_the_worst_tensor():
+    graph = load_teacher(M.export("resnet", "legacy", True))
+    taps = auto_taps(graph)
+    replica = build_replica(graph, taps)
+    x = M.sample_input("resnet", 3)
+    assert check_replica(replica, graph, taps, x) < 1e-5
+    last = [m for m in replica.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.mul_(1.5)  # the logits change, the taps do not
+    with pytest.raises(KdpipeError, match=r"on the first batch: '[^']*logits[^']*' by") as e:
+        check_replica(replica, graph, taps, x)
+    assert "\n" not in str(e.value)
