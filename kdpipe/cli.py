@@ -437,12 +437,25 @@ def cache_merge(src: str, dst: str) -> None:
     default=None,
     help="Online teacher only: its YAML card (preprocessing), as given to cache-teacher --card.",
 )
-@click.option("--method", default="kd", show_default=True, help="ce, kd, at, dct, afd or sums like at+kd.")
+@click.option(
+    "--method", default="kd", show_default=True, help="ce, kd, at, dct, afd, grad-at or sums like at+kd."
+)
 @click.option("--weight", multiple=True, help="Override a loss weight, e.g. --weight at=1000 (repeatable).")
 @click.option(
     "--dct-variant", default=None, help="Which cached DCT variant to use (default: the cached one)."
 )
 @click.option("--teacher-correct-mask", is_flag=True, help="DCT: ignore samples the teacher gets wrong.")
+@click.option(
+    "--flip-symmetry",
+    is_flag=True,
+    help="Add the student's input-gradient flip symmetry term (flip; one more forward/backward).",
+)
+@click.option(
+    "--grad-form",
+    default="full",
+    show_default=True,
+    help="Online teacher only: the form of J_T for grad-at (full, csum, pool:K, csum+pool:K).",
+)
 @click.option("--temperature", default=4.0, show_default=True)
 @click.option("--views", default=0, show_default=True, help="Online teacher only: views per sample.")
 @click.option("--augment", default="auto", show_default=True, help="Online teacher only.")

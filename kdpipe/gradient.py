@@ -99,8 +99,10 @@ def input_gradient(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dCE_sum/dx, logits) of the function ``logits_of`` at ``x`` (a tensor that will get
     ``requires_grad``); ``create_graph`` keeps the graph for double back-propagation."""
-    x = x if x.requires_grad else x.detach().requires_grad_(True)
-    logits = logits_of(x)  # type: ignore[operator]
-    ce = F.cross_entropy(logits.float() if logits.dtype != torch.float64 else logits, labels, reduction="sum")
-    (dx,) = torch.autograd.grad(ce, x, create_graph=create_graph)
+    with torch.enable_grad():  # also under an outer no_grad (evaluation code, finite differences)
+        x = x if x.requires_grad else x.detach().requires_grad_(True)
+        logits = logits_of(x)  # type: ignore[operator]
+        z = logits.float() if logits.dtype != torch.float64 else logits
+        ce = F.cross_entropy(z, labels, reduction="sum")
+        (dx,) = torch.autograd.grad(ce, x, create_graph=create_graph)
     return dx, logits

@@ -80,4 +80,5 @@ def plan_targets(
             else:
                 read.append(name)
         read += [f"pooled.{i}"] if "pooled" in kinds else []
+    read += ["grad"] if "grad" in kinds else []
     return TargetPlan(read=read, derive=derive, dense_logits=num_classes if compact else 0)

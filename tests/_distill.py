@@ -144,6 +144,7 @@ def cached(
             dtype,
             "--targets",
             targets,
+            *(["--grad-dtype", dtype] if "grad" in targets else []),
             "--threads",
             "1",
             "--no-progress",

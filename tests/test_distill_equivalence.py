@@ -26,11 +26,19 @@ def _losses(out: Path) -> dict[str, np.ndarray]:
     }
 
 
-def _pair(tmp_path: Path, method: str, dtype: str, workers: str = "0", lr: str = "0.05") -> tuple[dict, dict]:
+def _pair(
+    tmp_path: Path,
+    method: str,
+    dtype: str,
+    workers: str = "0",
+    lr: str = "0.05",
+    targets: str = "logits,at,dct,pooled",
+    extra: tuple[str, ...] = (),
+) -> tuple[dict, dict]:
     # 2 epochs x 4 steps: with 2 views every sample is seen in both of its views
-    common = ["--method", method, "--no-export", "--seed", "3", "--lr", lr]
+    common = ["--method", method, "--no-export", "--seed", "3", "--lr", lr, *extra]
     cached_out, online_out = tmp_path / "cached", tmp_path / "online"
-    args = distill_args(cached_out, *common, cache_path=cached(2, dtype), epochs=2)
+    args = distill_args(cached_out, *common, cache_path=cached(2, dtype, targets), epochs=2)
     args[args.index("--workers") + 1] = workers
     run_ok(args, STEPS)
     run_ok(
@@ -48,6 +56,16 @@ def test_float32_cache_equals_online_teacher(tmp_path: Path, method: str) -> Non
     for term in a:
         np.testing.assert_allclose(a[term], b[term], rtol=1e-5, atol=1e-7, err_msg=term)
     assert np.all(np.isfinite(a["loss"]))
+
+
+@pytest.mark.parametrize(("method", "extra"), [("grad-at", ()), ("grad-at+at", ("--flip-symmetry",))])
+def test_grad_at_cache_equals_online_teacher(tmp_path: Path, method: str, extra: tuple[str, ...]) -> None:
+    # the cached J_T (cache-teacher --targets grad, float32) and the online replica's J_T, per step
+    a, b = _pair(tmp_path, method, "float32", targets="logits,at,grad", extra=extra)
+    assert set(a) == set(b) and "grad-at" in a and ("flip" in a) == bool(extra)
+    for term in a:
+        np.testing.assert_allclose(a[term], b[term], rtol=1e-5, atol=1e-7, err_msg=term)
+    assert np.all(np.isfinite(a["loss"])) and np.all(a["grad-at"] > 0)
 
 
 @pytest.mark.parametrize("method", ["at", "dct+kd"])

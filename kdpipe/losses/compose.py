@@ -11,8 +11,12 @@ Default weights (every one overridable through ``weights``):
   afd     ce 1,   afd 200
   afd+kd  ce 1,   kd 0.9, afd 200     (Ji et al.)
 
-Rule behind the table (also for other combinations): at 1000, dct 1, afd 200; kd 1 with dct else 0.9;
-ce 0.1 when kd is present without afd, else 1. "ce" may be written explicitly ("ce+kd" == "kd").
+  grad-at ce 1,   grad-at GRAD_AT_WEIGHT   (beta/2; docs/methods.md says why)
+  flip    (--flip-symmetry) the same weight as grad-at
+
+Rule behind the table (also for other combinations): at 1000, dct 1, afd 200, grad-at and flip
+GRAD_AT_WEIGHT; kd 1 with dct else 0.9; ce 0.1 when kd is present without afd, else 1. "ce" may be
+written explicitly ("ce+kd" == "kd").
 """
 
 from __future__ import annotations
@@ -24,14 +28,17 @@ import torch
 from torch import nn
 
 from kdpipe.errors import KdpipeError
+from kdpipe.gradient import GradForm
 from kdpipe.losses.afd import AFD
 from kdpipe.losses.at import at_loss
 from kdpipe.losses.ce import ce_loss
 from kdpipe.losses.dct import dct_loss
+from kdpipe.losses.grad_at import flip_loss, grad_at_loss
 from kdpipe.losses.kd import kd_loss
 from kdpipe.ops import DCT_VARIANTS
 
-TERMS = ("ce", "kd", "at", "dct", "afd")
+TERMS = ("ce", "kd", "at", "dct", "afd", "grad-at", "flip")
+GRAD_AT_WEIGHT = 1.0  # beta/2 of grad-at and flip (docs/methods.md, "Gradient-based AT")
 _ORDER = {t: i for i, t in enumerate(TERMS)}
 
 
@@ -41,7 +48,8 @@ def default_weights(terms: Sequence[str]) -> dict[str, float]:
     w: dict[str, float] = {"ce": 0.1 if ("kd" in ts and "afd" not in ts) else 1.0}
     if "kd" in ts:
         w["kd"] = 1.0 if "dct" in ts else 0.9
-    for t, v in (("at", 1000.0), ("dct", 1.0), ("afd", 200.0)):
+    grad = (("grad-at", GRAD_AT_WEIGHT), ("flip", GRAD_AT_WEIGHT))
+    for t, v in (("at", 1000.0), ("dct", 1.0), ("afd", 200.0), *grad):
         if t in ts:
             w[t] = v
     return w
@@ -81,6 +89,7 @@ class Method(nn.Module):
         self.T, self.label_smoothing = T, label_smoothing
         self.dct_variant, self.dct_mask, self.afd_dim = dct_variant, dct_mask, afd_dim
         self.afd: AFD | None = None
+        self.grad_form = GradForm()  # the form of the teacher's cached J_T (set from the cache)
 
     @property
     def name(self) -> str:
@@ -98,7 +107,14 @@ class Method(nn.Module):
             need.add("pooled")
         if "dct" in self.terms:
             need.add("dct")
+        if "grad-at" in self.terms:
+            need.add("grad")
         return need
+
+    @property
+    def needs_input_grad(self) -> bool:
+        """True when the student's input gradient J_S is part of the loss (double back-propagation)."""
+        return "grad-at" in self.terms or "flip" in self.terms
 
     @property
     def needs_features(self) -> bool:
@@ -133,7 +149,11 @@ class Method(nn.Module):
         labels: torch.Tensor,
         student_feats: Sequence[torch.Tensor],
         teacher: Mapping[str, torch.Tensor],
+        student_grad: torch.Tensor | None = None,
+        flipped_grad: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        """``student_grad``: J_S (B,C,H,W) with its graph (grad-at, flip); ``flipped_grad``:
+        flip(J_S(flip x)) (flip)."""
         vals: dict[str, torch.Tensor] = {}
         for term in self.terms:
             if term == "ce":
@@ -171,6 +191,8 @@ class Method(nn.Module):
                     [teacher[f"pooled.{i}"] for i in range(n)],
                     [teacher[f"at.{i}"] for i in range(n)],
                 )
+            elif term in ("grad-at", "flip"):
+                vals[term] = self._grad_term(term, teacher, student_grad, flipped_grad)
         total = sum(
             (self.weights[t] * v for t, v in vals.items() if self.weights[t] != 0),
             torch.zeros((), device=logits.device),
@@ -179,6 +201,23 @@ class Method(nn.Module):
         out["total"] = float(total.detach())
         return total, out
 
+    def _grad_term(
+        self,
+        term: str,
+        teacher: Mapping[str, torch.Tensor],
+        student_grad: torch.Tensor | None,
+        flipped_grad: torch.Tensor | None,
+    ) -> torch.Tensor:
+        if student_grad is None:
+            raise RuntimeError(f"method term {term!r} needs the student's input gradient")
+        if term == "flip":
+            if flipped_grad is None:
+                raise RuntimeError("the flip term needs the student's gradient on the flipped batch")
+            return flip_loss(student_grad, flipped_grad)
+        if "grad" not in teacher:
+            raise KdpipeError(f"method {self.name!r} needs the teacher's input gradients; the cache has none")
+        return grad_at_loss(student_grad, teacher["grad"], self.grad_form)
+
     def describe(self) -> str:
         """One line: the weighted formula, e.g. ``0.1*ce + 0.9*kd(T=4)``."""
         parts = []
@@ -186,6 +225,7 @@ class Method(nn.Module):
             extra = {
                 "kd": f"(T={self.T:g})",
                 "dct": f"({self.dct_variant}{', mask' if self.dct_mask else ''})",
+                "grad-at": f"({self.grad_form.text})",
             }
             parts.append(f"{self.weights[t]:g}*{t}{extra.get(t, '')}")
         return " + ".join(parts)
@@ -200,12 +240,14 @@ def parse_method(
     dct_variant: str = "dft-abs",
     dct_mask: bool = False,
     afd_dim: int = 128,
+    flip_symmetry: bool = False,
     **unknown: Any,
 ) -> Method:
     """Parse "kd", "at+kd", "dct+kd", ... into a Method with default weights, overridden by ``weights``.
 
     A weight for a term not in the method adds that term (e.g. ``parse_method("at", {"kd": 0.5})``).
-    Unknown terms, weights or options raise KdpipeError.
+    ``flip_symmetry`` adds the "flip" term (as writing "+flip" does). Unknown terms, weights or options
+    raise KdpipeError.
     """
     if unknown:
         raise KdpipeError(f"unknown method option(s) {', '.join(unknown)}")
@@ -220,7 +262,8 @@ def parse_method(
     bad = [k for k in w if k not in TERMS]
     if bad:
         raise KdpipeError(f"unknown loss weight(s) {', '.join(bad)}; terms: {', '.join(TERMS)}")
-    terms = sorted(set(parts) | {"ce"} | set(w), key=_ORDER.__getitem__)
+    flip = {"flip"} if flip_symmetry else set()
+    terms = sorted(set(parts) | {"ce"} | set(w) | flip, key=_ORDER.__getitem__)
     final = default_weights(terms)
     final.update({k: float(v) for k, v in w.items()})
     if dct_variant not in DCT_VARIANTS:

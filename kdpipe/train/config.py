@@ -32,6 +32,8 @@ class DistillConfig:
     view_seed: int = 0  # online teacher only
     dct_variant: str | None = None
     teacher_correct_mask: bool = False
+    flip_symmetry: bool = False  # grad-at: add the student's horizontal-flip symmetry term ("flip")
+    grad_form: str = "full"  # online teacher only: the form of J_T (a cache brings its own)
     temperature: float = 4.0
     epochs: int = 10
     batch_size: int = 128  # per process; see global_batch

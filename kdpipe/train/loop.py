@@ -250,7 +250,7 @@ def setup(cfg: DistillConfig, world: WorldInfo, log: Log) -> Run:
     num_classes = teacher.num_classes or dataset.num_classes
     student = build_student(cfg, num_classes, norm.channels, teacher.policy.size, world.distributed)
     pairing = pair_taps(cfg, method, student, teacher)
-    module = build_module(cfg, method, student, teacher, device, world.distributed)
+    module = build_module(cfg, method, student, teacher, device, world.distributed, norm)
     params = [p for p in module.parameters() if p.requires_grad]
     model: nn.Module = module
     if world.distributed:

@@ -30,23 +30,32 @@ def target_names_for(kinds: set[str], num_taps: int, dct_variant: str) -> list[s
         names += [f"at.{i}"] if "at" in kinds else []
         names += [f"dct.{dct_variant}.{i}"] if "dct" in kinds else []
         names += [f"pooled.{i}"] if "pooled" in kinds else []
-    return names
+    return names + (["grad"] if "grad" in kinds else [])
 
 
 class DistillModule(nn.Module):
     """Student + method (its learned parts, e.g. AFD's meta-network) as one module, so that DDP sees
     every trained parameter and the loss is computed inside forward."""
 
-    def __init__(self, student: nn.Module, taps: Any, method: Any) -> None:
+    def __init__(self, student: nn.Module, taps: Any, method: Any, input_norm: Any = None) -> None:
         super().__init__()
         self.student = student
         self.taps = taps
         self.method = method  # an nn.Module: its learned parts (AFD) train and checkpoint with the student
+        self.input_norm = input_norm  # the student's Normalize: J_S is taken w.r.t. the [0, 1] image
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, teacher: dict[str, torch.Tensor]) -> Any:
-        """x (B,C,H,W) float32, y (B,) int64, teacher: array name -> (B, ...) -> (loss, terms, logits)."""
-        logits = self.student(x)
-        loss, terms = self.method(logits, y, self.taps.features, teacher)
+        """x (B,C,H,W) float32, y (B,) int64, teacher: array name -> (B, ...) -> (loss, terms, logits).
+        Methods with grad-at/flip take the student's input gradients with their graphs first."""
+        if not self.method.needs_input_grad:
+            logits = self.student(x)
+            loss, terms = self.method(logits, y, self.taps.features, teacher)
+            return loss, terms, logits
+        from kdpipe.losses.grad_at import student_grads
+
+        flip = "flip" in self.method.terms
+        logits, grad, flipped = student_grads(self.student, x, y, self.input_norm, flip)
+        loss, terms = self.method(logits, y, self.taps.features, teacher, grad, flipped)
         return loss, terms, logits
 
 
@@ -62,7 +71,8 @@ def parse_run_method(cfg: DistillConfig, teacher: TeacherSource) -> tuple[Any, T
         )
     method = parse_method(cfg.method, cfg.weights or None, T=cfg.temperature,
                           label_smoothing=cfg.label_smoothing, dct_variant=variant,
-                          dct_mask=cfg.teacher_correct_mask)  # fmt: skip
+                          dct_mask=cfg.teacher_correct_mask, flip_symmetry=cfg.flip_symmetry)  # fmt: skip
+    method.grad_form = teacher.grad_form
     plan = teacher.plan(method.required_targets, variant)
     teacher.check_targets(plan.read, cfg.method, method.required_targets)
     return method, plan
@@ -139,6 +149,7 @@ def build_module(
     teacher: TeacherSource,
     device: torch.device,
     sync_bn: bool,
+    input_norm: Any = None,
 ) -> DistillModule:
     """Build the method's learned parts (AFD) for these taps and put student + method on ``device``."""
     from kdpipe.train.ddp import global_batchnorm
@@ -147,7 +158,7 @@ def build_module(
         method.build(student.chans, teacher.chans)
     if sync_bn:
         global_batchnorm(method)
-    module = DistillModule(student.model, student.taps, method).to(device)
+    module = DistillModule(student.model, student.taps, method, input_norm).to(device)
     if cfg.channels_last:
         module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return module

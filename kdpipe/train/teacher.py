@@ -7,10 +7,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from kdpipe.distributed import WorldInfo
 from kdpipe.errors import KdpipeError
+from kdpipe.gradient import parse_form
 from kdpipe.targets import TargetPlan, plan_targets
 from kdpipe.train.config import DistillConfig
 
@@ -34,6 +36,7 @@ class TeacherSource:
     dct_variants: list[str]
     cache: Any = None
     where: str = ""  # the cache path, for messages
+    grad_form: Any = None  # GradForm of the teacher's J_T (grad-at)
 
     @property
     def needs_uint8(self) -> bool:
@@ -103,6 +106,7 @@ class CachedTeacher(TeacherSource):
             dct_variants=list(m["targets"]["dct"]["variants"]),
             cache=cache,
             where=where,
+            grad_form=parse_form((m["targets"].get("grad") or {}).get("form") or "full"),
         )
 
     def plan(self, required: set[str], variant: str) -> TargetPlan:
@@ -133,6 +137,9 @@ class OnlineTeacher(TeacherSource):
 
     runner: Any = None
     spec: Any = None
+    gradients: Any = None  # TeacherGradients: J_T through the replica, built on the first grad-at batch
+    graph: Any = None
+    taps: Any = None
 
     @property
     def needs_uint8(self) -> bool:
@@ -159,15 +166,23 @@ class OnlineTeacher(TeacherSource):
             hw=[(t.shape[1], t.shape[2]) for t in taps],
             num_classes=graph.num_classes,
             dct_variants=variants,
+            grad_form=parse_form(cfg.grad_form, spec.size[0]),
         )
-        source.spec = spec
+        source.spec, source.graph, source.taps = spec, graph, taps
         source.runner = TeacherRunner(graph, taps, spec, targets={"logits", "at", "dct", "pooled"},
                                       provider="auto", threads=cfg.threads, reduce="graph",
                                       dct_variants=tuple(variants), spinning=False)  # fmt: skip
         return source
 
     def targets(self, batch: dict[str, Any], names: list[str]) -> dict[str, torch.Tensor]:
-        raw = self.runner.run(self.spec.preprocess(batch["uint8"]))
+        x = self.spec.preprocess(batch["uint8"])
+        raw = self.runner.run(x)
+        if "grad" in names:  # J_T live, through the replica (as cache-teacher --targets grad)
+            if self.gradients is None:
+                from kdpipe.teacher.gradients import TeacherGradients
+
+                self.gradients = TeacherGradients(self.graph, self.taps, self.spec, self.grad_form)
+            raw["grad"] = self.gradients(x, np.asarray(batch["y"], dtype=np.int64))
         return {k: torch.from_numpy(raw[k]) for k in names}
 
 
