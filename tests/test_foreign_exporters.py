@@ -32,13 +32,14 @@ import _models as M
 import numpy as np
 import onnxruntime as ort
 import pytest
+from _foreign import fixture as _fixture
+from _foreign import flags as _flags
 from click.testing import CliRunner
 
 from kdpipe.cli import cli
 from kdpipe.teacher import auto_taps, load_teacher
 from kdpipe.teacher.surgery import expose
 
-FIXTURES = Path(__file__).parent / "fixtures"
 BIG = [(8, 32, 32), (16, 16, 16), (32, 8, 8)]
 KERAS_NAMES = ("stage1_1_out", "stage2_1_out", "stage3_1_out")
 # the ReLU after each stage's last residual Add, as paddle2onnx names it (pd_op.relu.K: K-th ReLU)
@@ -54,18 +55,6 @@ TEACHERS = {
 NUM_CLASSES = 10
 VARIANTS = M.DCT_VARIANTS
 SHARD = Path("shards") / "00000-of-00001"
-
-
-def _fixture(name: str) -> tuple[str, dict[str, np.ndarray]]:
-    with np.load(FIXTURES / f"{name}.npz") as z:
-        return str(FIXTURES / f"{name}.onnx"), {k: z[k] for k in z.files}
-
-
-def _flags(ref: dict[str, np.ndarray]) -> list[str]:
-    """The preprocessing the fixture's model expects, as cache-teacher flags."""
-    mean = ",".join(repr(float(v)) for v in ref["mean"])
-    std = ",".join(repr(float(v)) for v in ref["std"])
-    return ["--scale", repr(float(ref["scale"])), "--mean", mean, "--std", std]
 
 
 def _model_input(ref: dict[str, np.ndarray], layout: str) -> np.ndarray:

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from _foreign import fixture, flags
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
@@ -30,7 +31,6 @@ from kdpipe.teacher import auto_taps, load_teacher, spec_for
 from kdpipe.teacher.gradients import TeacherGradients
 from kdpipe.teacher.replica import build_replica, check_replica
 
-FIXTURES = Path(__file__).parent / "fixtures"
 SHARD = Path("shards") / "00000-of-00001"
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
@@ -118,23 +118,13 @@ def test_reduced_forms_are_the_full_gradient_reduced(tmp_path):
 FOREIGN = ["keras_resnet_tf2onnx", "paddle_resnet_paddle2onnx"]
 
 
-def _fixture(name: str) -> tuple[str, dict[str, np.ndarray]]:
-    with np.load(FIXTURES / f"{name}.npz") as z:
-        return str(FIXTURES / f"{name}.onnx"), {k: z[k] for k in z.files}
-
-
-def _flags(ref: dict[str, np.ndarray]) -> list[str]:
-    mean = ",".join(repr(float(v)) for v in ref["mean"])
-    std = ",".join(repr(float(v)) for v in ref["std"])
-    return ["--scale", repr(float(ref["scale"])), "--mean", mean, "--std", std, "--views", "0"]
-
-
 @pytest.mark.parametrize("name", FOREIGN)
 def test_foreign_teacher_grad_equals_a_float64_replica_checked_by_finite_differences(tmp_path, name):
-    path, ref = _fixture(name)
+    path, ref = fixture(name)
     n = len(ref["x"])
     labels = (np.arange(n) * 3) % 10
-    grad = _stored(_cache(tmp_path, path, ref["x"], labels, *_flags(ref)))[1].reshape(n, 3, 32, 32)
+    grad = _stored(_cache(tmp_path, path, ref["x"], labels, *flags(ref), "--views", "0"))[1]
+    grad = grad.reshape(n, 3, 32, 32)
 
     graph = load_teacher(path)
     spec = spec_for(graph, scale=float(ref["scale"]), mean=tuple(ref["mean"]), std=tuple(ref["std"]))
