@@ -11,7 +11,9 @@ are closed with the onnx library's own tools and a few small rewrites of our own
 - the converter's leftover ``noop_with_empty_axes`` attribute on opset-17 Reduce nodes is dropped
   (it only exists from opset 18 and means nothing when ``axes`` is given);
 - ``Reshape allowzero=1`` (dynamo) is dropped when its shape is a constant without zeros (then the
-  flag changes nothing).
+  flag changes nothing);
+- ``Constant`` nodes and ``Identity`` nodes of an initializer (the legacy torch exporter shares equal
+  weights that way) become initializers: onnx2torch reads Conv/BN weights only from initializers.
 
 The replica is checked against onnxruntime's logits and tap activations on the first batch
 (:func:`check_replica`); an op it cannot convert is one line naming the op and the node.
@@ -123,9 +125,34 @@ def _after_conversion(model: onnx.ModelProto) -> None:
             node.attribute.extend(keep)
 
 
+def _constants_as_initializers(model: onnx.ModelProto) -> None:
+    """Constant nodes, and Identity nodes of an initializer or constant, become initializers (in place;
+    graph outputs stay nodes)."""
+    g = model.graph
+    outputs = {o.name for o in g.output}
+    values = {t.name: t for t in g.initializer}
+    keep = []
+    for node in g.node:
+        value = None
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            value = node.attribute[0].t
+        elif node.op_type == "Identity" and node.input[0] in values:
+            value = values[node.input[0]]
+        if value is None or node.output[0] in outputs:
+            keep.append(node)
+            continue
+        init = copy.deepcopy(value)
+        init.name = node.output[0]
+        values[init.name] = init
+        g.initializer.append(init)
+    del g.node[:]
+    g.node.extend(keep)
+
+
 def close_gaps(model: onnx.ModelProto, shapes: dict[str, tuple[int | None, ...]]) -> onnx.ModelProto:
     """A copy of ``model`` (shapes inferred) that onnx2torch converts: see the module docstring."""
     m = copy.deepcopy(model)
+    _constants_as_initializers(m)
     for node in m.graph.node:
         if node.op_type in _AUTO_PAD_OPS:
             _explicit_pads(node, shapes)

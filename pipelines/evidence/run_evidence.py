@@ -22,6 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "pipelines" / "demo"
 METHODS = ["ce", "kd", "at", "dct", "afd", "at+kd", "dct+kd"]
+# --part grad: gradient-based AT against the plain student, from a cache that also holds J_T
+GRAD_RUNS = {"ce": ("ce",), "grad-at": ("grad-at",), "grad-at-flip": ("grad-at", "--flip-symmetry"),
+             "grad-at+at": ("grad-at+at",)}  # fmt: skip
 STUDENT = "resnet8"
 
 
@@ -31,8 +34,8 @@ def kdpipe(*args: str) -> None:
     subprocess.run(cmd, check=True)
 
 
-def cache(data: str, views: int, out: Path, flip: bool) -> Path:
-    path = out / data / f"cache-k{views}"
+def cache(data: str, views: int, out: Path, flip: bool, grad: bool = False) -> Path:
+    path = out / data / f"cache-k{views}{'-grad' if grad else ''}"
     kdpipe(
         "cache-teacher",
         str(DEMO / f"teacher-{data}.onnx"),
@@ -48,6 +51,7 @@ def cache(data: str, views: int, out: Path, flip: bool) -> Path:
         "--out",
         str(path),
         "--no-progress",
+        *(["--targets", "logits,at,pooled,grad", *THREADS] if grad else []),
     )
     return path
 
@@ -55,7 +59,9 @@ def cache(data: str, views: int, out: Path, flip: bool) -> Path:
 THREADS: list[str] = []  # ["--threads", "N"] when set on the command line
 
 
-def train(data: str, out: Path, name: str, method: str, seed: int, epochs: int, source: list[str]) -> None:
+def train(
+    data: str, out: Path, name: str, method: str, seed: int, epochs: int, source: list[str], *extra: str
+) -> None:
     run = out / data / "runs" / f"{name}-s{seed}"
     if (run / "summary.json").exists():
         return
@@ -89,14 +95,22 @@ def train(data: str, out: Path, name: str, method: str, seed: int, epochs: int, 
         "--no-progress",
         "--no-export",
         *THREADS,
+        *extra,
     )
 
 
 def run_all(
     data: str, epochs: int, seeds: list[int], out: Path, views: int, part: str, view_seeds: list[int]
 ) -> None:
-    """``part``: all, methods (cached method table), online (cached-vs-online), views (K sweep)."""
+    """``part``: all, methods (cached method table), online (cached-vs-online), views (K sweep),
+    grad (gradient-based AT; not in "all")."""
     flip = data != "digits"
+    if part == "grad":
+        c = cache(data, views, out, flip, grad=True)
+        for seed in seeds:
+            for name, (m, *extra) in GRAD_RUNS.items():
+                train(data, out, f"cache-k{views}-grad-{name}", m, seed, epochs, ["--cache", str(c)], *extra)
+        return
     main = cache(data, views, out, flip)
     teacher = str(DEMO / f"teacher-{data}.onnx")
     card = str(DEMO / f"teacher-{data}.yaml")
@@ -229,7 +243,7 @@ def main() -> None:
     ap.add_argument("--view-seeds", type=int, nargs="+", default=[0], help="Seeds of the K-views sweep.")
     ap.add_argument("--out", default="out/evidence")
     ap.add_argument("--report", action="store_true")
-    ap.add_argument("--part", default="all", choices=["all", "methods", "online", "views"])
+    ap.add_argument("--part", default="all", choices=["all", "methods", "online", "views", "grad"])
     ap.add_argument("--threads", type=int, default=None, help="torch threads per training run")
     args = ap.parse_args()
     out = Path(args.out)
