@@ -210,3 +210,30 @@ def test_a_replica_that_disagrees_with_onnxruntime_names_the_worst_tensor():
     with pytest.raises(KdpipeError, match=r"on the first batch: '[^']*logits[^']*' by") as e:
         check_replica(replica, graph, taps, x)
     assert "\n" not in str(e.value)
+
+
+def test_weights_shared_through_identity_nodes_are_converted(tmp_path):
+    # the legacy exporter shares equal initializers (here the zero biases of folded BNs) through
+    # Identity nodes; onnx2torch reads Conv weights from initializers only, so kdpipe turns them into ones
+    from _distill import export_quiet
+
+    from kdpipe.student import create_model
+
+    torch.manual_seed(0)
+    path = export_quiet(
+        create_model("resnet8", num_classes=3, in_chans=3), torch.zeros(2, 3, 8, 8), tmp_path / "t.onnx"
+    )
+    graph = load_teacher(str(path))
+    assert any(n.op_type == "Identity" for n in graph.model.graph.node)
+    taps = auto_taps(graph)
+    assert check_replica(build_replica(graph, taps), graph, taps, M.sample_input("resnet", 2)) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["keras_resnet_tf2onnx", "paddle_resnet_paddle2onnx", "jax_resnet_jax2onnx"])
+def test_foreign_replicas_equal_onnxruntime_on_logits_and_taps(name):
+    # jax2onnx: opset 23 (version_converter to 17) and Conv auto_pad SAME_UPPER (made explicit pads)
+    path, ref = fixture(name)
+    graph = load_teacher(path)
+    taps = auto_taps(graph)
+    spec = spec_for(graph, scale=float(ref["scale"]), mean=tuple(ref["mean"]), std=tuple(ref["std"]))
+    assert check_replica(build_replica(graph, taps), graph, taps, spec.preprocess(ref["x"])) < 1e-5
