@@ -126,8 +126,8 @@ def build_manifest(job: CacheJob, graph: Any, taps: list[Any], spec: Any, datase
                 arrays[f"dct.{v}.{i}"] = {"shape": [h, w], "dtype": job.map_dtype, "per": "view"}
         if "pooled" in job.targets:
             arrays[f"pooled.{i}"] = {"shape": [c], "dtype": job.vec_dtype or "float16", "per": "view"}
+    form = parse_form(job.grad_form, spec.size[0])
     if "grad" in job.targets:
-        form = parse_form(job.grad_form, spec.size[0])
         shape = form.shape((spec.normalize.channels, *spec.size))
         arrays["grad"] = {"shape": list(shape), "dtype": job.grad_dtype, "per": "view"}
     chunk = job.chunk_size or max(1, 4096 // num_views)
@@ -153,10 +153,8 @@ def build_manifest(job: CacheJob, graph: Any, taps: list[Any], spec: Any, datase
             "dct": {"variants": list(job.dct_variants), "eps": ops.DCT_EPS},
             "pooled": {"definition": "mean_hw(F)"},
             "logits": {"top_k": topk, "rest": "mean of the other logits" if topk else None},
-            "grad": {
-                "definition": GRAD_DEFINITION,
-                "form": parse_form(job.grad_form).text if "grad" in job.targets else None,
-            },
+            # only with grad, so that caches without it keep the manifest (and resume) of before
+            **({"grad": {"definition": GRAD_DEFINITION, "form": form.text}} if "grad" in job.targets else {}),
         },
         "teacher": {
             "sha256": graph.sha256,
@@ -370,7 +368,7 @@ def _teacher_gradients(job: CacheJob, graph: Any, taps: list[Any], spec: Any, lo
     torch.set_num_threads(job.threads or ops.allowed_cpus())
     grads = TeacherGradients(graph, taps, spec, parse_form(job.grad_form), batch_size=job.batch_size)
     log(f"grad: PyTorch replica of the teacher built (onnx2torch); J_T form {grads.form.text}, "
-        f"{grads.shape} per view, checked against onnxruntime on the first batch")  # fmt: skip
+        f"{grads.shape} per view; compared with onnxruntime on the first batch it runs")  # fmt: skip
     return grads
 
 
