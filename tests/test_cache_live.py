@@ -119,3 +119,29 @@ def test_live_check_on_default_targets_and_top_k_logits(tmp_path):
     assert r.exit_code == 0, r.stdout + r.stderr
     got = kinds(r.stdout)
     assert set(got) == {"logits", "at", "pooled"} and all(v == "OK" for _, v in got.values()), got
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_live_check_recomputes_input_gradients(tmp_path, dtype):
+    # J_T through the teacher's replica again, compared with the stored grad; then a consistently
+    # forged grad (every checksum valid) fails live
+    c = cached(views=2, dtype=dtype, targets="logits,at,grad")
+    r = run_cli(["cache", "verify", c, "--live", "30"])
+    assert r.exit_code == 0, r.stdout + r.stderr
+    got = kinds(r.stdout)
+    assert set(got) == {"logits", "at", "grad"} and all(v == "OK" for _, v in got.values()), got
+    src = kc.open(c)
+    dst = tmp_path / "forged"
+    with kc.create_or_resume(
+        dst, {k: v for k, v in src.manifest.items() if k not in fmt.ADDED_KEYS}, (0, 1)
+    ) as w:
+        for ch in w.pending_chunks():
+            s0, s1 = w.chunk_range(ch)
+            arrays = {name: np.ascontiguousarray(src.array(name)[s0:s1]) for name in src.arrays}
+            arrays["grad"] = (arrays["grad"] * 1.05).astype(arrays["grad"].dtype)
+            w.write_chunk(ch, arrays)
+        w.finish()
+    r = run_cli(["cache", "verify", str(dst), "--live", "30"])
+    assert r.exit_code == 1, r.stdout + r.stderr
+    got = kinds(r.stdout)
+    assert got["grad"][1] == "BEYOND" and got["at"][1] == "OK" and got["logits"][1] == "OK", got

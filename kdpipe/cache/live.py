@@ -9,7 +9,10 @@ preprocessing, targets reduced in the graph), and compares the result with the s
 Tolerance, per element: ``|stored - live| <= rtol * max(|live|, 0.01 * max|live of that item|)``
 with ``rtol`` the storage dtype's rounding plus room for onnxruntime's batch-size differences:
 float32 1e-4, float16 1e-3 (rounding 2**-11 = 4.9e-4), bfloat16 8e-3 (rounding 2**-8 = 3.9e-3).
-The floor keeps near-zero entries of a map from failing on absolute noise.
+The floor keeps near-zero entries of a map from failing on absolute noise; float16 adds half its
+subnormal spacing (2**-25 = 3e-8), its rounding of values below 6.1e-5 (most input gradients).
+The ``grad`` target (input gradients) is recomputed through the teacher's PyTorch replica, as
+cache-teacher computes it, with each sample's true label.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import numpy as np
 from kdpipe.errors import KdpipeError
 
 RTOL = {"float32": 1e-4, "float16": 1e-3, "bfloat16": 8e-3}
+ABS = {"float16": 2.0**-25}  # half of float16's subnormal spacing
 FLOOR = 0.01
 
 
@@ -93,15 +97,17 @@ def live_check(
     params = np.asarray(c.array("view_params")[samples, views]).reshape(-1, 5)
     problems = _check_views_and_labels(c, dataset, samples, views, params)
     live = _run_teacher(c, graph, taps, dataset, samples, params, provider, threads, batch_size)
+    if "grad" in m["arrays"]:
+        live["grad"] = _live_grad(c, graph, taps, dataset, samples, params, batch_size)
     stored = {name: _stored(c, name, samples, views) for name in live}
     reports: dict[str, KindReport] = {}
     for name, got in live.items():
         dtype = "float16" if name == "logits" and "logits" not in m["arrays"] else m["arrays"][name]["dtype"]
         r = reports.setdefault(name.split(".")[0], KindReport(name.split(".")[0], dtype))
         r.arrays.append(name)
-        diff, worst = _compare(stored[name], got, RTOL[dtype])
+        diff, worst = _compare(stored[name], got, RTOL[dtype], ABS.get(dtype, 0.0))
         r.max_abs_diff, r.worst = max(r.max_abs_diff, diff), max(r.worst, worst)
-    ordered = [reports[k] for k in ("logits", "at", "dct", "pooled") if k in reports]
+    ordered = [reports[k] for k in ("logits", "at", "dct", "pooled", "grad") if k in reports]
     return LiveReport(len(samples), str(tpath), graph.sha256 == m["teacher"]["sha256"], ordered, problems)
 
 
@@ -169,7 +175,8 @@ def _run_teacher(
     m = c.manifest
     spec = TeacherSpec.from_dict(m["teacher"]["spec"])
     runner = TeacherRunner(
-        graph, taps, spec, targets=set(m["targets"]["kinds"]), provider=provider, threads=threads,
+        graph, taps, spec, targets=set(m["targets"]["kinds"]) - {"grad"} | {"logits"}, provider=provider,
+        threads=threads,
         reduce="graph", dct_variants=m["targets"].get("dct", {}).get("variants", ()), spinning=False,
     )  # fmt: skip
     images = dataset.load(samples)
@@ -185,6 +192,30 @@ def _run_teacher(
         values, index, rest = (torch_of(top[k]) for k in ("logits.topk", "logits.topk_index", "logits.rest"))
         live["logits"] = dense_logits(values, index, rest, int(m["teacher"]["num_classes"])).numpy()
     return live
+
+
+def _live_grad(
+    c: Any,
+    graph: Any,
+    taps: list[Any],
+    dataset: Any,
+    samples: np.ndarray,
+    params: np.ndarray,
+    batch_size: int,
+) -> np.ndarray:
+    """J_T of the rebuilt views through the teacher's replica (kdpipe.teacher.gradients), float32."""
+    from kdpipe.data.views import ViewPolicy, apply_views
+    from kdpipe.gradient import parse_form
+    from kdpipe.teacher import TeacherSpec
+    from kdpipe.teacher.gradients import TeacherGradients
+
+    m = c.manifest
+    spec = TeacherSpec.from_dict(m["teacher"]["spec"])
+    grads = TeacherGradients(graph, taps, spec, parse_form(m["targets"]["grad"]["form"]), batch_size)
+    images = dataset.load(samples)
+    per_item = images if isinstance(images, np.ndarray) else list(images)
+    inputs = spec.preprocess(apply_views(per_item, params, ViewPolicy.from_dict(m["views"]["policy"])))
+    return grads(inputs, dataset.labels[samples].astype(np.int64))
 
 
 def _stored(c: Any, name: str, samples: np.ndarray, views: np.ndarray) -> np.ndarray:
@@ -206,14 +237,15 @@ def torch_of(a: np.ndarray) -> Any:
     return torch.from_numpy(np.ascontiguousarray(a))
 
 
-def _compare(stored: np.ndarray, got: np.ndarray, rtol: float) -> tuple[float, float]:
-    """(largest |stored - live|, largest |diff| / allowed) with the module's per-element tolerance."""
+def _compare(stored: np.ndarray, got: np.ndarray, rtol: float, atol: float = 0.0) -> tuple[float, float]:
+    """(largest |stored - live|, largest |diff| / allowed) with the module's per-element tolerance
+    (``atol``: the storage dtype's absolute rounding, added)."""
     got = got.astype(np.float64).reshape(len(got), -1)
     stored = stored.astype(np.float64).reshape(len(got), -1)
     scale = np.maximum(np.abs(got), FLOOR * np.abs(got).max(axis=1, keepdims=True))
     diff = np.abs(stored - got)
     with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(diff == 0, 0.0, diff / (rtol * scale))
+        ratio = np.where(diff == 0, 0.0, diff / (rtol * scale + atol))
     ratio = np.where(np.isnan(ratio), np.inf, ratio)
     return float(np.nan_to_num(diff, nan=np.inf).max(initial=0.0)), float(ratio.max(initial=0.0))
 
