@@ -20,12 +20,14 @@ reduced the same way and ``R(J_S) - R(J_T) = R(J_S - J_T)``:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kdpipe.data.preprocess import Normalize
 from kdpipe.errors import KdpipeError
 
 FORMS_HELP = "full, csum, pool:K or csum+pool:K"
@@ -76,32 +78,34 @@ def parse_form(text: str, side: int | None = None) -> GradForm:
     return GradForm(csum, pool)
 
 
-def input_scale(normalize: object) -> np.ndarray:
-    """(C,) float64 ``dx/du = 255 * scale / std`` per model-input channel of a ``Normalize``."""
-    scale = float(normalize.scale)  # type: ignore[attr-defined]
-    std = np.broadcast_to(np.asarray(normalize.std, np.float64), (normalize.channels,))  # type: ignore[attr-defined]
-    return 255.0 * scale / std
+def input_scale(normalize: Normalize) -> np.ndarray:
+    """(C,) float64 ``dx/du = 255 * scale / std`` per model-input channel."""
+    std = np.broadcast_to(np.asarray(normalize.std, np.float64), (normalize.channels,))
+    return 255.0 * float(normalize.scale) / std
 
 
-def to_image_space(dx: torch.Tensor, normalize: object) -> torch.Tensor:
+def to_image_space(dx: torch.Tensor, normalize: Normalize) -> torch.Tensor:
     """dCE/dx in the model's layout and channel order -> dCE/du (B, C, H, W) in RGB order."""
-    if normalize.layout == "NHWC":  # type: ignore[attr-defined]
+    if normalize.layout == "NHWC":
         dx = dx.permute(0, 3, 1, 2)
     factor = torch.as_tensor(input_scale(normalize), dtype=dx.dtype, device=dx.device)
     du = dx * factor.reshape(1, -1, 1, 1)
-    if normalize.channel_order == "bgr" and du.shape[1] == 3:  # type: ignore[attr-defined]
+    if normalize.channel_order == "bgr" and du.shape[1] == 3:
         du = du.flip(1)
     return du
 
 
 def input_gradient(
-    logits_of: object, x: torch.Tensor, labels: torch.Tensor, create_graph: bool = False
+    logits_of: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    create_graph: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dCE_sum/dx, logits) of the function ``logits_of`` at ``x`` (a tensor that will get
     ``requires_grad``); ``create_graph`` keeps the graph for double back-propagation."""
     with torch.enable_grad():  # also under an outer no_grad (evaluation code, finite differences)
         x = x if x.requires_grad else x.detach().requires_grad_(True)
-        logits = logits_of(x)  # type: ignore[operator]
+        logits = logits_of(x)
         z = logits.float() if logits.dtype != torch.float64 else logits
         ce = F.cross_entropy(z, labels, reduction="sum")
         (dx,) = torch.autograd.grad(ce, x, create_graph=create_graph)
