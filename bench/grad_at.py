@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import runpy
 import statistics
@@ -61,6 +62,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     args.workers = 0
+    load_before = os.getloadavg()[0]
     bench = runpy.run_path(str(HERE / "distill.py"), run_name="bench")
     teacher, student = args.pair.split(":")
     torch.set_num_threads(args.threads)
@@ -94,6 +96,7 @@ def main() -> None:
     }
     result = {"pair": args.pair, "images": args.images, "batch_size": args.batch_size, "rounds": args.rounds,
               "threads": args.threads, "machine": platform.machine(), "torch": torch.__version__,
+              "load_average_1min": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
               "cache_teacher": caches, "runs": runs}  # fmt: skip
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2))
