@@ -276,3 +276,35 @@ def test_estimate_counts_the_grad_bytes(tmp_path):
     assert "grad 384" in r.stdout and r.stdout.startswith("432 bytes per view"), (
         r.stdout
     )  # 3x8x8 float16 + the rest
+
+
+def test_grad_goes_through_shards_resume_and_verify(tmp_path):
+    # two shards written by separate commands read as the one-process cache, byte for byte; a chunk
+    # whose journal line is lost is recomputed to the same bytes; cache verify checks grad's crc32
+    x, y = _images(12, M.SIZE), np.arange(12) % 5
+    teacher = M.export("resnet", "legacy", True)
+    one = _cache(tmp_path / "one", teacher, x, y, "--views", "2", "--chunk-size", "3")
+    ref = np.load(one / SHARD / "grad.npy")
+    data, two = tmp_path / "one" / "data.npz", tmp_path / "two"
+    for shard in ("0/2", "1/2"):
+        args = ["cache-teacher", teacher, "--data", str(data), "--out", str(two), "--targets", "logits,grad"]
+        args += ["--views", "2", "--chunk-size", "3", "--shard", shard, "--grad-dtype", "float32"]
+        r = CliRunner().invoke(cli, [*args, "--threads", "1", "--no-progress", "--batch-size", "5"])
+        assert r.exit_code == 0, r.output
+    import kdpipe.cache as kc
+
+    np.testing.assert_array_equal(np.asarray(kc.open(str(two)).array("grad")), ref)
+    journal = one / SHARD / "journal.jsonl"
+    lines = journal.read_text().splitlines(keepends=True)
+    journal.write_text("".join(lines[:-1]))
+    (one / SHARD / "COMPLETE.json").unlink()
+    _cache(tmp_path / "one", teacher, x, y, "--views", "2", "--chunk-size", "3")  # resumes: the lost chunk
+    np.testing.assert_array_equal(np.load(one / SHARD / "grad.npy"), ref)
+    assert CliRunner().invoke(cli, ["cache", "verify", str(one)]).exit_code == 0
+    with open(one / SHARD / "grad.npy", "r+b") as f:  # one flipped byte in grad is found
+        f.seek(-3, 2)
+        b = f.read(1)
+        f.seek(-3, 2)
+        f.write(bytes([b[0] ^ 0xFF]))
+    r = CliRunner().invoke(cli, ["cache", "verify", str(one)])
+    assert r.exit_code != 0 and "grad" in r.output, r.output
