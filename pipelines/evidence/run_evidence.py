@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "pipelines" / "demo"
 METHODS = ["ce", "kd", "at", "dct", "afd", "at+kd", "dct+kd"]
 # --part grad: gradient-based AT against the plain student, from a cache that also holds J_T
-# (cheapest first: a grad-at step costs about 2.3x a CE step, with the flip term about 4.5x)
+# (cheapest first: a grad-at step costs about 3x a CE step, with the flip term about 6x)
 GRAD_RUNS = {"ce": ("ce",), "grad-at": ("grad-at",), "grad-at+at": ("grad-at+at",),
              "grad-at-flip": ("grad-at", "--flip-symmetry")}  # fmt: skip
 STUDENT = "resnet8"
