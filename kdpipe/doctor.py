@@ -66,7 +66,16 @@ def collect() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "packages": {
             name: _version(name)
-            for name in ("torch", "numpy", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "click")
+            for name in (
+                "torch",
+                "numpy",
+                "onnx",
+                "onnxscript",
+                "onnxruntime",
+                "onnxruntime-gpu",
+                "click",
+                "onnx2torch",  # --targets grad only (pip install --no-deps onnx2torch==1.5.15)
+            )  # fmt: skip
         },
         "native": ops.native_available(),
         "native_cuda_built": ops.cuda_available(),
