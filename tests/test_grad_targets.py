@@ -239,38 +239,28 @@ def test_foreign_replicas_equal_onnxruntime_on_logits_and_taps(name):
     assert check_replica(build_replica(graph, taps), graph, taps, spec.preprocess(ref["x"])) < 1e-5
 
 
+def _small_job(tmp_path: Path) -> list[str]:
+    """cache-teacher of the tiny ResNet over 4 images into tmp_path/c (targets still to add)."""
+    data = tmp_path / "d.npz"
+    np.savez(data, x=_images(4, M.SIZE), y=np.arange(4))
+    teacher = M.export("resnet", "legacy", True)
+    return ["cache-teacher", teacher, "--data", str(data), "--out", str(tmp_path / "c")]
+
+
 @pytest.mark.parametrize(
     ("form", "words"),
     [("pool:0", "'pool:0' is not understood"), ("csum+csum", "'csum' is not understood"),
      ("pool:99", "larger than the 8 px input"), ("max", "'max' is not understood")],
 )  # fmt: skip
 def test_a_bad_grad_form_is_one_line(tmp_path, form, words):
-    data = tmp_path / "d.npz"
-    np.savez(data, x=_images(4, M.SIZE), y=np.arange(4))
-    args = [
-        "cache-teacher",
-        M.export("resnet", "legacy", True),
-        "--data",
-        str(data),
-        "--out",
-        str(tmp_path / "c"),
-    ]
+    args = _small_job(tmp_path)
     r = CliRunner().invoke(cli, [*args, "--targets", "grad", "--grad-form", form, "--no-progress"])
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and words in r.stderr, r.output
     assert not (tmp_path / "c").exists()
 
 
 def test_estimate_counts_the_grad_bytes(tmp_path):
-    data = tmp_path / "d.npz"
-    np.savez(data, x=_images(4, M.SIZE), y=np.arange(4))
-    args = [
-        "cache-teacher",
-        M.export("resnet", "legacy", True),
-        "--data",
-        str(data),
-        "--out",
-        str(tmp_path / "c"),
-    ]
+    args = _small_job(tmp_path)
     r = CliRunner().invoke(cli, [*args, "--targets", "logits,grad", "--estimate"])
     assert r.exit_code == 0, r.output
     assert "grad 384" in r.stdout and r.stdout.startswith("432 bytes per view"), (
