@@ -80,6 +80,11 @@ def open_cache(cfg: DistillConfig) -> tuple[Any, Any]:
             f"(differs in: {', '.join(diff)}); "
             f"the cache was made from {cache.manifest['dataset'].get('spec')!r}"
         )
+    record = cache.manifest["dataset"].get("decoder")
+    if record is not None and hasattr(dataset, "check_decoder"):
+        dataset.check_decoder(
+            record, cache.manifest.get("run", {}).get("decoder_versions", {}), f"--data {cfg.data!r}"
+        )
     return cache, dataset
 
 
