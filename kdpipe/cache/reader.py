@@ -236,6 +236,24 @@ class Cache:
         """True iff every shard of the layout is finished (COMPLETE.json valid, all chunks journaled)."""
         return all(s.complete for s in self.shards)
 
+    def nonfinite(self) -> dict[str, Any]:
+        """NaN/inf teacher outputs accepted at completion (``--allow-nonfinite``), over all shards:
+        {"samples": count, "first": [...], "arrays": {name: count}}; {} when there are none."""
+        found = [s.complete_doc.get("nonfinite") for s in self.shards if s.complete_doc]
+        docs: list[dict[str, Any]] = [d for d in found if isinstance(d, dict) and d.get("samples")]
+        if not docs:
+            return {}
+        arrays: dict[str, int] = {}
+        for d in docs:
+            for k, v in d.get("arrays", {}).items():
+                arrays[k] = arrays.get(k, 0) + int(v)
+        first = sorted(x for d in docs for x in d.get("first", []))[:10]
+        return {
+            "samples": sum([int(d["samples"]) for d in docs]),
+            "first": first,
+            "arrays": dict(sorted(arrays.items())),
+        }
+
     def missing(self) -> dict[int, list[int]]:
         """Shard index -> chunk indices not yet written (only unfinished shards)."""
         return {s.index: s.missing for s in self.shards if not s.complete and s.missing}
@@ -511,6 +529,7 @@ def info(path: str | os.PathLike, project: tuple[int, int] | None = None) -> dic
         "bytes_on_disk": _disk_bytes(c.path),
         "bytes_per_view": round(fmt.bytes_per_view(lay.arrays, V), 1),
         "complete": c.complete,
+        **({"nonfinite": c.nonfinite()} if c.nonfinite() else {}),
         "shards": {
             "count": lay.num_shards,
             "complete": sum(s.complete for s in c.shards),
