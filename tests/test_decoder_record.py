@@ -59,3 +59,42 @@ def test_decoder_record_and_pixels_changed_in_place(tmp_path: Path) -> None:
     assert r.exit_code == 2 and len(lines) == 1 and "Traceback" not in r.stderr
     assert "class0/0.png" in lines[0] and "other pixels" in lines[0] and "re-run cache-teacher" in lines[0]
     assert not (tmp_path / "run2" / "checkpoints" / "last.pt").exists()
+
+
+def _load_in_child(ds: object, q: object) -> None:
+    q.put(len(ds.load(np.arange(4))))  # type: ignore[attr-defined]
+
+
+def test_folder_dataset_loads_in_a_forked_worker_after_the_parent_used_its_pool(tmp_path: Path) -> None:
+    # a DataLoader worker is a fork of distill's process, which has used the decode pool already
+    # (header scan, decoder check): the child must not wait on the parent's thread pool
+    import multiprocessing as mp
+
+    from kdpipe.data import load_dataset
+
+    ds = load_dataset(str(_folder(tmp_path / "imgs")))
+    ds.sizes()
+    ds.load(np.arange(2))
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_load_in_child, args=(ds, q))
+    p.start()
+    p.join(timeout=30)
+    hung = p.is_alive()
+    if hung:
+        p.kill()
+    assert not hung, "the forked worker hung on the parent's decode pool"
+    assert q.get(timeout=5) == 4
+
+
+def test_distill_with_worker_processes_on_an_image_folder(tmp_path: Path) -> None:
+    from _distill import run_proc
+
+    root = _folder(tmp_path / "imgs")
+    run_ok(["cache-teacher", teacher(), "--data", str(root), "--out", str(tmp_path / "c"),
+            "--views", "2", "--threads", "1", "--no-progress"])  # fmt: skip
+    args = distill_args(tmp_path / "run", "--data", str(root), "--method", "kd", "--no-export",
+                        "--max-steps", "2", "--batch-size", "4", cache_path=str(tmp_path / "c"))  # fmt: skip
+    args[args.index("--workers") + 1] = "2"
+    r = run_proc(args)  # a real process with a timeout: a hung worker fails instead of blocking
+    assert r.returncode == 0, r.stderr

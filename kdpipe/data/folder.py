@@ -114,6 +114,7 @@ class FolderDataset(Dataset):
         self._grey: bool | None = None
         self._sha: str | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = os.getpid()
         self._lock = threading.Lock()
         self.skipped: list[str] = []  # relative paths left out (--skip-bad, or a cache's record of them)
         if exclude:
@@ -153,6 +154,10 @@ class FolderDataset(Dataset):
         self._lock = threading.Lock()
 
     def _executor(self) -> ThreadPoolExecutor:
+        if self._pool_pid != os.getpid():
+            # a forked child (DataLoader worker): the parent's pool threads do not exist here, and its
+            # lock may have been copied held; waiting on either would hang the worker forever
+            self._pool, self._pool_pid, self._lock = None, os.getpid(), threading.Lock()
         with self._lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="kdpipe-decode")
