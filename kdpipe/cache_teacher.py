@@ -102,6 +102,12 @@ def logits_mode(spec: str, num_classes: int) -> int:
     return 0 if int(k) == num_classes else int(k)
 
 
+def decoder_versions() -> dict[str, str | None]:
+    from kdpipe.data.folder import decoder_versions as versions
+
+    return versions()
+
+
 def build_manifest(job: CacheJob, graph: Any, taps: list[Any], spec: Any, dataset: Any, policy: Any) -> dict:
     """The self-describing manifest: what was cached, from what, how, and the array layout."""
     num_views = max(job.views, 1)
@@ -167,6 +173,7 @@ def build_manifest(job: CacheJob, graph: Any, taps: list[Any], spec: Any, datase
             "fingerprint": dataset.fingerprint(),
             "class_names": dataset.class_names,
             "skipped": list(getattr(dataset, "skipped", [])),
+            **({"decoder": dataset.decoder()} if hasattr(dataset, "decoder") else {}),
         },
         "views": {"policy": policy.to_dict(), "seed": job.seed, "count": job.views},
         # "run" is the one section a resume does not compare: where things were, which software.
@@ -174,6 +181,7 @@ def build_manifest(job: CacheJob, graph: Any, taps: list[Any], spec: Any, datase
             "teacher_file": str(graph.path),
             "kdpipe": __version__,
             "command": "kdpipe cache-teacher (same arguments) to resume",
+            **({"decoder_versions": decoder_versions()} if hasattr(dataset, "decoder") else {}),
         },
     }
 
