@@ -22,7 +22,7 @@ from kdpipe.cache import format as fmt
 from kdpipe.errors import KdpipeError
 from kdpipe.progress import Progress
 
-ALL_TARGETS = ("logits", "at", "dct", "pooled")
+ALL_TARGETS = ("logits", "at", "dct", "pooled", "attn")  # attn: transformer teachers only
 # DCT targets are derived from the at maps at training time unless asked for (kdpipe/targets.py)
 DEFAULT_TARGETS = ("logits", "at", "pooled")
 
@@ -98,6 +98,17 @@ def logits_mode(spec: str, num_classes: int) -> int:
     return 0 if int(k) == num_classes else int(k)
 
 
+ATTN_DEFINITION = "mean over heads of the class token's softmax attention to the patch tokens, on (h, w)"
+
+
+def token_record(tap: Any) -> dict[str, Any]:
+    """The manifest keys of a transformer tap (token count, first patch token, block); {} for a CNN tap,
+    so CNN manifests are unchanged."""
+    if tap.layout != "NLC":
+        return {}
+    return {"tokens": tap.tokens, "token_start": tap.token_start, "block": tap.block}
+
+
 def build_manifest(job: CacheJob, graph: Any, taps: list[Any], spec: Any, dataset: Any, policy: Any) -> dict:
     """The self-describing manifest: what was cached, from what, how, and the array layout."""
     num_views = max(job.views, 1)
@@ -122,6 +133,8 @@ def build_manifest(job: CacheJob, graph: Any, taps: list[Any], spec: Any, datase
                 arrays[f"dct.{v}.{i}"] = {"shape": [h, w], "dtype": job.map_dtype, "per": "view"}
         if "pooled" in job.targets:
             arrays[f"pooled.{i}"] = {"shape": [c], "dtype": job.vec_dtype or "float16", "per": "view"}
+        if "attn" in job.targets:
+            arrays[f"attn.{i}"] = {"shape": [h, w], "dtype": job.map_dtype, "per": "view"}
     chunk = job.chunk_size or max(1, 4096 // num_views)
     return {
         "kind": "kdpipe-teacher-cache",
@@ -136,6 +149,7 @@ def build_manifest(job: CacheJob, graph: Any, taps: list[Any], spec: Any, datase
                 "layout": t.layout,
                 "op_type": t.op_type,
                 "module_path": t.module_path,
+                **token_record(t),
             }
             for t in taps
         ],
@@ -144,6 +158,7 @@ def build_manifest(job: CacheJob, graph: Any, taps: list[Any], spec: Any, datase
             "at": {"definition": "l2normalize(mean_c(F**2)) per sample", "eps": ops.AT_EPS},
             "dct": {"variants": list(job.dct_variants), "eps": ops.DCT_EPS},
             "pooled": {"definition": "mean_hw(F)"},
+            **({"attn": {"definition": ATTN_DEFINITION}} if "attn" in job.targets else {}),
             "logits": {"top_k": topk, "rest": "mean of the other logits" if topk else None},
         },
         "teacher": {
@@ -255,6 +270,7 @@ def cache_teacher(job: CacheJob, log: Any = print) -> dict[str, Any]:
     from kdpipe.distributed import discover_shard
     from kdpipe.memory import keep_freed_memory
     from kdpipe.teacher import TeacherRunner, load_teacher, resolve_taps, spec_for
+    from kdpipe.teacher.vit_surgery import check_attention
 
     keep_freed_memory(one_arena=True)  # before the preparation and write threads start
     unknown = set(job.targets) - set(ALL_TARGETS)
@@ -266,7 +282,9 @@ def cache_teacher(job: CacheJob, log: Any = print) -> dict[str, Any]:
     if job.views < 0:
         raise KdpipeError(f"--views {job.views}: must be >= 0 (0 = the plain input)")
     graph = load_teacher(job.teacher)
-    taps = resolve_taps(graph, job.taps) if {"at", "dct", "pooled"} & set(job.targets) else []
+    taps = resolve_taps(graph, job.taps) if {"at", "dct", "pooled", "attn"} & set(job.targets) else []
+    if "attn" in job.targets:
+        check_attention(taps)  # before anything is written
     dataset = load_dataset(job.data, skip_bad=job.skip_bad)
     skipped = list(getattr(dataset, "skipped", []))
     if skipped:

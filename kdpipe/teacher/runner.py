@@ -22,8 +22,9 @@ from kdpipe.teacher.graph import TeacherGraph
 from kdpipe.teacher.spec import TeacherSpec
 from kdpipe.teacher.surgery import append_reductions, expose
 from kdpipe.teacher.taps import TapInfo
+from kdpipe.teacher.vit_surgery import append_attention, grid_views
 
-TARGET_KINDS = ("logits", "at", "pooled", "dct")
+TARGET_KINDS = ("logits", "at", "pooled", "dct", "attn")
 PROVIDERS = ("auto", "cpu", "cuda")
 REDUCE_MODES = ("graph", "native")
 _CUDA = "CUDAExecutionProvider"
@@ -131,23 +132,29 @@ class TeacherRunner:
         self._need_pooled = "pooled" in self.targets
         taps_needed = self._need_at or self._need_pooled
 
+        self._attn: dict[str, str] = {}
         model = graph.model
+        if "attn" in self.targets:  # always in the graph: the Softmax is larger than the tokens
+            model, self._attn = append_attention(model, graph.opset, self.taps, graph.elem_types)
+        # token taps (B, T, C) become their (B, h, w, C) patch grids inside the graph
+        model, self._grid_taps, types = grid_views(model, graph.opset, self.taps, graph.elem_types)
         self._reduced: dict[str, str] = {}
         self._raw: list[str] = []
         if taps_needed and reduce == "graph":
             model, self._reduced = append_reductions(
                 model,
                 graph.opset,
-                self.taps,
-                graph.elem_types,
+                self._grid_taps,
+                types,
                 "at" in self.targets,
                 self._need_pooled,
                 self.dct_variants,
             )
         elif taps_needed:
-            self._raw = [t.name for t in self.taps]
-            model = expose(model, self._raw, graph.elem_types)
+            self._raw = [t.name for t in self._grid_taps]
+            model = expose(model, self._raw, types)
         names = ([graph.logits_name] if "logits" in self.targets else []) + list(self._reduced.values())
+        names += list(self._attn.values())
         names += [r for r in self._raw if r not in names]
         self._names = names
         self.session = make_session(model.SerializeToString(), provider, threads, spinning)
@@ -159,6 +166,7 @@ class TeacherRunner:
             keys += [f"at.{i}"] if "at" in self.targets else []
             keys += [f"pooled.{i}"] if self._need_pooled else []
             keys += [f"dct.{v}.{i}" for v in self.dct_variants]
+            keys += [f"attn.{i}"] if "attn" in self.targets else []
         self.output_names: list[str] = keys
 
     def _session_run(self, x: np.ndarray) -> list[np.ndarray]:
@@ -194,12 +202,14 @@ class TeacherRunner:
         if "logits" in self.targets:
             out["logits"] = np.asarray(vals[self.graph.logits_name], dtype=np.float32)
         maps: dict[int, np.ndarray] = {}
+        for key, name in self._attn.items():
+            out[key] = np.asarray(vals[name], dtype=np.float32)
         if self.reduce == "graph":  # every target, DCT included, comes out of the graph
             for key, name in self._reduced.items():
                 out[key] = np.asarray(vals[name], dtype=np.float32)
             return out
         if self._raw:
-            for i, tap in enumerate(self.taps):
+            for i, tap in enumerate(self._grid_taps):
                 at, pooled = ops.tap_targets(vals[tap.name], channel_axis=tap.channel_axis)
                 if self._need_at:
                     maps[i] = at

@@ -1,0 +1,181 @@
+"""Transformer teachers: tap discovery on ViT graphs from both torch exporters, and cached targets on the
+patch grid against float64 references computed from the PyTorch token activations (``tests/_vit.py``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import _models as M
+import _vit as V
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx import helper
+
+from kdpipe.cli import cli
+from kdpipe.errors import KdpipeError
+from kdpipe.teacher import TeacherRunner, auto_taps, load_teacher, resolve_taps
+
+EXPORTERS = ("legacy", "dynamo")
+GRID = (V.GRID, V.GRID)
+SHARD = Path("shards") / "00000-of-00001"
+# (extra tokens, registers, patchify) -> index of the first patch token
+VARIANTS = {(1, 0, "conv"): 1, (2, 0, "conv"): 2, (0, 0, "conv"): 0, (1, 2, "conv"): 3, (1, 0, "reshape"): 1}
+# every variant from the legacy exporter, three from dynamo (3-4 s per dynamo export)
+DISCOVERY = [("legacy", v) for v in VARIANTS] + [
+    ("dynamo", v) for v in list(VARIANTS)[:2] + [(1, 0, "reshape")]
+]
+
+
+def _nchw(x: np.ndarray) -> np.ndarray:
+    """uint8 NHWC images -> the teacher's float32 NCHW input (x / 255, kdpipe's default preprocessing)."""
+    return np.ascontiguousarray((x.astype(np.float64) / 255.0).astype(np.float32).transpose(0, 3, 1, 2))
+
+
+def _outputs(path: str, names: list[str], x: np.ndarray) -> list[np.ndarray]:
+    """Tensors ``names`` of the ONNX file on input x (plain onnxruntime, independent of kdpipe)."""
+    m = onnx.load(path)
+    for n in names:
+        m.graph.output.append(helper.make_empty_tensor_value_info(n))
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(names, {"image": x})
+
+
+@pytest.mark.parametrize(
+    ("exporter", "variant"), DISCOVERY, ids=[f"{e}-{v[0]}-{v[1]}-{v[2]}" for e, v in DISCOVERY]
+)
+def test_auto_picks_every_block_output(exporter, variant):
+    path = V.export(exporter, *variant)
+    graph = load_teacher(path)
+    taps = auto_taps(graph)
+    start = VARIANTS[variant]
+    assert [t.block for t in taps] == list(range(1, V.DEPTH + 1))
+    for t in taps:
+        assert (t.layout, t.channel_axis, t.shape, t.token_start, t.op_type) == ("NLC", 2, (V.DIM, *GRID),
+                                                                                start, "Add")  # fmt: skip
+        assert t.tokens == V.GRID**2 + variant[0] + variant[1] and t.softmax
+    x = _nchw(V.images(3, seed=1))
+    _, ref, soft = V.tokens_and_softmax(x, *variant)
+    got = _outputs(path, [t.name for t in taps] + [t.softmax for t in taps], x)  # type: ignore[misc]
+    for r, g in zip(ref + soft, got, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+    assert [c.name for c in graph.taps_candidates() if c.auto] == [t.name for t in taps]
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_blocks_spec_and_module_paths(exporter):
+    graph = load_teacher(V.export(exporter))
+    auto = auto_taps(graph)
+    assert [t.name for t in resolve_taps(graph, "blocks:2,4,6")] == [auto[i].name for i in (1, 3, 5)]
+    assert [t.name for t in resolve_taps(graph, ["blocks:2", "4", "-1"])] == [auto[i].name for i in (1, 3, 5)]
+    assert [t.name for t in resolve_taps(graph, "blocks")] == [t.name for t in auto]
+    assert [t.name for t in resolve_taps(graph, "blocks.2,blocks.3")] == [auto[2].name, auto[3].name]
+    for bad, words in (("blocks:7", "has 6 blocks"), ("blocks:0", "numbered 1..6"), ("blocks:x", "1..6")):
+        with pytest.raises(KdpipeError, match=words) as e:
+            resolve_taps(graph, bad)
+        assert "\n" not in str(e.value)
+    with pytest.raises(KdpipeError, match="no transformer blocks"):
+        resolve_taps(load_teacher(M.export("resnet", "legacy", True)), "blocks:1")
+
+
+def test_inspect_shows_tokens_and_blocks():
+    r = CliRunner().invoke(cli, ["inspect", V.export("dynamo", 2)])
+    assert r.exit_code == 0, r.output
+    assert "transformer: 6 blocks" in r.stdout and "66 tokens" in r.stdout and "8x8" in r.stdout
+    auto = r.stdout.split("auto taps, by depth:\n", 1)[1].splitlines()
+    assert sum(" NLC " in line and "block" in line for line in auto) == V.DEPTH
+
+
+def _references(toks: list[np.ndarray], soft: list[np.ndarray], start: int, logits: np.ndarray) -> dict:
+    """Every cache array of the plain view, float64, from the torch block outputs and softmaxes."""
+    n = len(logits)
+    out = {"logits": logits.astype(np.float64).reshape(n, 1, -1)}
+    for i, (t, s) in enumerate(zip(toks, soft, strict=True)):
+        ref = V.reference_targets(t, start, GRID)
+        grid = t[:, start : start + V.GRID**2].reshape(n, *GRID, V.DIM)
+        dct = M.reference_targets(grid, axis=3)  # the DCT variants of the same map (numpy / scipy FFTs)
+        maps = {"at": ref["at"], "pooled": ref["pooled"], "attn": V.reference_attn(s, start, GRID)}
+        maps |= {k: v for k, v in dct.items() if k.startswith("dct.")}
+        out |= {f"{k}.{i}": v.reshape(n, 1, *v.shape[1:]) for k, v in maps.items()}
+    return out
+
+
+@pytest.mark.parametrize(
+    ("exporter", "variant", "reduce", "dtype"),
+    [
+        ("legacy", (1, 0, "conv"), "graph", "float32"),
+        ("legacy", (1, 2, "conv"), "native", "float16"),
+        ("dynamo", (1, 0, "conv"), "native", "float32"),
+        ("dynamo", (2, 0, "conv"), "graph", "float16"),
+    ],
+)
+def test_cached_targets_equal_float64_references(tmp_path, exporter, variant, reduce, dtype):
+    x = V.images(6, seed=2)
+    labels = np.arange(6) % V.CLASSES
+    np.savez(tmp_path / "data.npz", x=x, y=labels)
+    out = tmp_path / "cache"
+    args = ["cache-teacher", V.export(exporter, *variant), "--data", str(tmp_path / "data.npz")]
+    args += [
+        "--out",
+        str(out),
+        "--views",
+        "0",
+        "--reduce",
+        reduce,
+        "--dtype",
+        dtype,
+        "--vec-dtype",
+        "float32",
+    ]
+    args += ["--targets", "logits,at,dct,pooled,attn", "--dct-variant", ",".join(M.DCT_VARIANTS)]
+    args += ["--threads", "1", "--no-progress"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    start = VARIANTS[variant]
+    assert [(t["layout"], t["block"], t["token_start"]) for t in manifest["taps"]] == [
+        ("NLC", b, start) for b in range(1, V.DEPTH + 1)
+    ]
+    logits, toks, soft = V.tokens_and_softmax(_nchw(x), *variant)
+    expected = _references(toks, soft, start, logits)
+    assert sorted(a for a in manifest["arrays"] if a not in ("labels", "view_params")) == sorted(expected)
+    tol = dict(rtol=1e-3, atol=2e-4) if dtype == "float16" else dict(rtol=1e-5, atol=2e-5)
+    for name, ref in expected.items():
+        got = np.load(out / SHARD / f"{name}.npy").astype(np.float64)
+        assert got.shape == ref.shape, name
+        t = tol if name.split(".")[0] in ("at", "dct", "attn") else dict(rtol=1e-5, atol=2e-5)
+        np.testing.assert_allclose(got, ref, err_msg=name, **t)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("reduce", ["graph", "native"])
+def test_the_token_tensor_never_leaves_onnxruntime(reduce):
+    graph = load_teacher(V.export("legacy"))
+    taps = auto_taps(graph)
+    runner = TeacherRunner(graph, taps, None, {"logits", "at", "pooled", "attn"}, provider="cpu",
+                           threads=1, reduce=reduce)  # fmt: skip
+    outs = {o.name for o in runner.session.get_outputs()}
+    assert not outs & {t.name for t in taps} and not outs & {t.softmax for t in taps}
+    got = runner.run(_nchw(V.images(2)))
+    assert {got[f"at.{i}"].shape for i in range(V.DEPTH)} == {(2, *GRID)}
+    assert {got[f"attn.{i}"].shape for i in range(V.DEPTH)} == {(2, *GRID)}
+    assert {got[f"pooled.{i}"].shape for i in range(V.DEPTH)} == {(2, V.DIM)}
+
+
+def test_attn_needs_a_transformer_block_with_a_class_token(tmp_path):
+    np.savez(tmp_path / "d.npz", x=V.images(2), y=np.zeros(2, np.int64))
+    cnn = M.export("resnet", "legacy", True)
+    np.savez(tmp_path / "c.npz", x=np.zeros((2, M.SIZE, M.SIZE, 3), np.uint8), y=np.zeros(2, np.int64))
+    for teacher, data, words in (
+        (cnn, "c.npz", "is not a transformer block output"),
+        (V.export("legacy", 0), "d.npz", "has no class token"),
+    ):
+        args = ["cache-teacher", teacher, "--data", str(tmp_path / data), "--out", str(tmp_path / "o"),
+                "--targets", "logits,attn", "--no-progress"]  # fmt: skip
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code == 2, r.output
+        assert words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / "o").exists()  # refused before anything was written
