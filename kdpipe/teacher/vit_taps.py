@@ -303,8 +303,3 @@ def group_items(items: list[str]) -> list[str]:
         else:
             out.append(it)
     return out
-
-
-def evenly_spaced(count: int, k: int) -> list[int]:
-    """k of ``count`` indices (0-based), evenly spaced and ending at the last: round((j+1)*count/k)-1."""
-    return [int(np.floor((j + 1) * count / k + 0.5)) - 1 for j in range(k)]

@@ -250,6 +250,8 @@ def setup(cfg: DistillConfig, world: WorldInfo, log: Log) -> Run:
     num_classes = teacher.num_classes or dataset.num_classes
     student = build_student(cfg, num_classes, norm.channels, teacher.policy.size, world.distributed)
     pairing = pair_taps(cfg, method, student, teacher)
+    if teacher.selected is not None:  # the plan reads the paired teacher taps only
+        plan = parse_run_method(cfg, teacher)[1]
     module = build_module(cfg, method, student, teacher, device, world.distributed)
     params = [p for p in module.parameters() if p.requires_grad]
     model: nn.Module = module

@@ -4,7 +4,7 @@ teacher (the baseline the cache replaces). Both sit behind one interface, :class
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,6 +34,22 @@ class TeacherSource:
     dct_variants: list[str]
     cache: Any = None
     where: str = ""  # the cache path, for messages
+    taps: list[dict[str, Any]] = field(default_factory=list)  # name, layout, block of each tap (manifest)
+    selected: list[int] | None = None  # the source's taps paired with the student (select); None = all
+
+    @property
+    def transformer(self) -> bool:
+        """Whether the teacher taps are transformer token tensors (NLC), which pair by even spacing."""
+        return any(t.get("layout") == "NLC" for t in self.taps)
+
+    def select(self, indices: list[int]) -> None:
+        """Keep only taps ``indices`` (of the current ones) for pairing; their arrays are read under
+        their cached names and renamed 0, 1, ... (``TargetPlan.rename``)."""
+        base = self.selected if self.selected is not None else list(range(len(self.chans)))
+        self.selected = [base[i] for i in indices]
+        self.chans = [self.chans[i] for i in indices]
+        self.hw = [self.hw[i] for i in indices]
+        self.taps = [self.taps[i] for i in indices] if self.taps else []
 
     @property
     def needs_uint8(self) -> bool:
@@ -42,9 +58,11 @@ class TeacherSource:
 
     def plan(self, required: set[str], variant: str) -> TargetPlan:
         """The arrays a method needing target kinds ``required`` reads (and what it derives)."""
+        from kdpipe.targets import tap_rename
         from kdpipe.train.model import target_names_for
 
-        return TargetPlan(target_names_for(required, len(self.chans), variant))
+        read = target_names_for(required, len(self.chans), variant, self.selected)
+        return TargetPlan(read, rename=tap_rename(read, self.selected) if self.selected else {})
 
     def derives_dct(self) -> bool:
         """Whether any DCT variant can be derived from the source's at maps."""
@@ -103,11 +121,12 @@ class CachedTeacher(TeacherSource):
             dct_variants=list(m["targets"]["dct"]["variants"]),
             cache=cache,
             where=where,
+            taps=[dict(t) for t in m["taps"]],
         )
 
     def plan(self, required: set[str], variant: str) -> TargetPlan:
         available = set(self.cache.manifest["arrays"])
-        return plan_targets(required, len(self.chans), variant, available, self.num_classes)
+        return plan_targets(required, len(self.chans), variant, available, self.num_classes, self.selected)
 
     def derives_dct(self) -> bool:
         return any(a.startswith("at.") for a in self.cache.manifest["arrays"])
@@ -159,6 +178,10 @@ class OnlineTeacher(TeacherSource):
             hw=[(t.shape[1], t.shape[2]) for t in taps],
             num_classes=graph.num_classes,
             dct_variants=variants,
+            taps=[
+                {"name": t.name, "layout": t.layout, "block": t.block, "module_path": t.module_path}
+                for t in taps
+            ],  # fmt: skip
         )
         source.spec = spec
         source.runner = TeacherRunner(graph, taps, spec, targets={"logits", "at", "dct", "pooled"},
