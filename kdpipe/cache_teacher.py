@@ -62,6 +62,7 @@ class CacheJob:
     # accept NaN/inf teacher outputs: the cache is completed and COMPLETE.json records them; without it
     # every chunk is still written and journaled, only completion is refused (a rerun with it resumes)
     allow_nonfinite: bool = False
+    token_clip: float | None = None  # transformer taps: clip at maps at this per-sample quantile (outliers)
 
 
 def view_policy_for(job: CacheJob, size: tuple[int, int], image_side: int) -> Any:
@@ -155,7 +156,11 @@ def build_manifest(job: CacheJob, graph: Any, taps: list[Any], spec: Any, datase
         ],
         "targets": {
             "kinds": [k for k in ALL_TARGETS if k in job.targets],
-            "at": {"definition": "l2normalize(mean_c(F**2)) per sample", "eps": ops.AT_EPS},
+            "at": {
+                "definition": "l2normalize(mean_c(F**2)) per sample",
+                "eps": ops.AT_EPS,
+                **({"token_clip": job.token_clip} if job.token_clip is not None else {}),
+            },
             "dct": {"variants": list(job.dct_variants), "eps": ops.DCT_EPS},
             "pooled": {"definition": "mean_hw(F)"},
             **({"attn": {"definition": ATTN_DEFINITION}} if "attn" in job.targets else {}),
@@ -270,6 +275,7 @@ def cache_teacher(job: CacheJob, log: Any = print) -> dict[str, Any]:
     from kdpipe.distributed import discover_shard
     from kdpipe.memory import keep_freed_memory
     from kdpipe.teacher import TeacherRunner, load_teacher, resolve_taps, spec_for
+    from kdpipe.teacher.outliers import check_clip
     from kdpipe.teacher.vit_surgery import check_attention
 
     keep_freed_memory(one_arena=True)  # before the preparation and write threads start
@@ -285,6 +291,7 @@ def cache_teacher(job: CacheJob, log: Any = print) -> dict[str, Any]:
     taps = resolve_taps(graph, job.taps) if {"at", "dct", "pooled", "attn"} & set(job.targets) else []
     if "attn" in job.targets:
         check_attention(taps)  # before anything is written
+    check_clip(job.token_clip)
     dataset = load_dataset(job.data, skip_bad=job.skip_bad)
     skipped = list(getattr(dataset, "skipped", []))
     if skipped:
@@ -337,6 +344,7 @@ def cache_teacher(job: CacheJob, log: Any = print) -> dict[str, Any]:
                 reduce=job.reduce,
                 dct_variants=job.dct_variants,
                 spinning=job.spinning,
+                token_clip=job.token_clip,
             )
             log(
                 f"teacher {graph.path} on {', '.join(runner.providers)}; {len(taps)} tap(s): "

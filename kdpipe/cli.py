@@ -207,6 +207,12 @@ def inspect(teacher: str) -> None:
     help="full, topk:K (the K largest logits + the others' mean), or auto (full up to 100 classes, "
     "else topk:100).",
 )
+@click.option(
+    "--token-clip",
+    type=float,
+    default=None,
+    help="Transformer taps: clip each at map at this per-sample quantile (e.g. 0.98) against outlier tokens.",
+)
 @click.option("--estimate", is_flag=True, help="Print the bytes per view and the cache's size; run nothing.")
 @click.option("--shard", default=None, help="INDEX/COUNT of an array job (default: Slurm/Kubernetes env).")
 @click.option("--card", type=click.Path(), default=None, help="YAML teacher card (preprocessing).")
@@ -247,6 +253,7 @@ def cache_teacher_cmd(
     map_dtype: str,
     vec_dtype: str | None,
     logits_mode: str,
+    token_clip: float | None,
     estimate: bool,
     shard: str | None,
     card: str | None,
@@ -294,6 +301,7 @@ def cache_teacher_cmd(
         map_dtype=map_dtype,
         vec_dtype=vec_dtype,
         logits=logits_mode,
+        token_clip=token_clip,
         estimate=estimate,
         shard=shard,
         card=card,

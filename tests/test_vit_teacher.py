@@ -179,3 +179,46 @@ def test_attn_needs_a_transformer_block_with_a_class_token(tmp_path):
         assert r.exit_code == 2, r.output
         assert words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def _clipped(at: np.ndarray, q: float) -> np.ndarray:
+    """float64 reference of --token-clip: each map clipped at its ceil(q*N)-th smallest cell, then l2n."""
+    flat = at.reshape(len(at), -1)
+    thr = np.sort(flat, axis=1)[:, int(np.ceil(q * flat.shape[1])) - 1]
+    c = np.minimum(flat, thr[:, None])
+    return (c / np.linalg.norm(c, axis=1, keepdims=True)).reshape(at.shape)
+
+
+@pytest.mark.parametrize("reduce", ["graph", "native"])
+def test_token_clip_clips_the_maps_and_their_dct(tmp_path, reduce):
+    x = V.images(4, seed=5)
+    np.savez(tmp_path / "data.npz", x=x, y=np.zeros(4, np.int64))
+    out = tmp_path / "cache"
+    args = ["cache-teacher", V.export("legacy"), "--data", str(tmp_path / "data.npz"), "--out", str(out)]
+    args += [
+        "--views",
+        "0",
+        "--reduce",
+        reduce,
+        "--dtype",
+        "float32",
+        "--targets",
+        "at,dct",
+        "--threads",
+        "1",
+    ]
+    r = CliRunner().invoke(cli, [*args, "--token-clip", "0.75", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "manifest.json").read_text())["targets"]["at"]["token_clip"] == 0.75
+    _, toks, _ = V.tokens_and_softmax(_nchw(x))
+    for i, t in enumerate(toks):
+        at = _clipped(V.reference_targets(t, 1, GRID)["at"], 0.75)
+        got = np.load(out / SHARD / f"at.{i}.npy")[:, 0]
+        np.testing.assert_allclose(got, at, rtol=1e-5, atol=1e-6)
+        assert (got == got.max(axis=(1, 2), keepdims=True)).sum() >= 16  # the top quarter is flat
+        ref = M.reference_targets(np.sqrt(at)[..., None], axis=3)["dct.dft-abs"]  # the DCT of the clipped map
+        np.testing.assert_allclose(
+            np.load(out / SHARD / f"dct.dft-abs.{i}.npy")[:, 0], ref, rtol=1e-4, atol=1e-5
+        )
+    bad = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "bad"), "--token-clip", "1.5"])
+    assert bad.exit_code == 2 and "between 0 and 1" in bad.stderr and not (tmp_path / "bad").exists()

@@ -19,6 +19,7 @@ import onnxruntime as ort
 from kdpipe import ops
 from kdpipe.errors import KdpipeError
 from kdpipe.teacher.graph import TeacherGraph
+from kdpipe.teacher.outliers import check_clip, clip_maps
 from kdpipe.teacher.spec import TeacherSpec
 from kdpipe.teacher.surgery import append_reductions, expose
 from kdpipe.teacher.taps import TapInfo
@@ -88,8 +89,11 @@ class TeacherRunner:
     """The teacher as a function from a float32 input batch to its targets.
 
     ``run(x)`` returns float32 arrays keyed by cache array names: ``logits`` (B, K), ``at.{i}``
-    (B, H_i, W_i), ``pooled.{i}`` (B, C_i), ``dct.{variant}.{i}`` (B, H_i, W_i), for the requested
-    ``targets`` (a subset of "logits", "at", "pooled", "dct"); ``i`` indexes ``taps``.
+    (B, H_i, W_i), ``pooled.{i}`` (B, C_i), ``dct.{variant}.{i}`` (B, H_i, W_i), ``attn.{i}`` (B, h_i,
+    w_i), for the requested ``targets`` (a subset of "logits", "at", "pooled", "dct", "attn"); ``i``
+    indexes ``taps``. Token taps ("NLC", transformers) give their targets on the patch grid, the extra
+    tokens dropped inside the graph (:mod:`kdpipe.teacher.vit_surgery`); ``token_clip`` clips their
+    maps at a per-sample quantile (:mod:`kdpipe.teacher.outliers`).
     ``output_names`` lists those keys; ``providers`` the execution providers the session really uses.
     A teacher with a batch fixed at 1 is run one sample at a time. ``io_binding`` (default: on CUDA)
     binds the input and outputs through an onnxruntime IOBinding.
@@ -107,7 +111,10 @@ class TeacherRunner:
         dct_variants: Iterable[str] = ("dft-abs",),
         spinning: bool = True,
         io_binding: bool | None = None,
+        token_clip: float | None = None,
     ) -> None:
+        check_clip(token_clip)
+        self.token_clip = token_clip
         self.graph = graph
         self.taps = list(taps)
         self.spec = spec
@@ -141,14 +148,15 @@ class TeacherRunner:
         self._reduced: dict[str, str] = {}
         self._raw: list[str] = []
         if taps_needed and reduce == "graph":
+            clip = token_clip is not None  # then the maps are clipped, and DCT made from them, on the host
             model, self._reduced = append_reductions(
                 model,
                 graph.opset,
                 self._grid_taps,
                 types,
-                "at" in self.targets,
+                "at" in self.targets or (clip and self._need_at),
                 self._need_pooled,
-                self.dct_variants,
+                () if clip else self.dct_variants,
             )
         elif taps_needed:
             self._raw = [t.name for t in self._grid_taps]
@@ -207,7 +215,9 @@ class TeacherRunner:
         if self.reduce == "graph":  # every target, DCT included, comes out of the graph
             for key, name in self._reduced.items():
                 out[key] = np.asarray(vals[name], dtype=np.float32)
-            return out
+            if self.token_clip is None:
+                return out
+            maps = {i: out.pop(f"at.{i}") for i in range(len(self.taps)) if f"at.{i}" in out}
         if self._raw:
             for i, tap in enumerate(self._grid_taps):
                 at, pooled = ops.tap_targets(vals[tap.name], channel_axis=tap.channel_axis)
@@ -215,6 +225,9 @@ class TeacherRunner:
                     maps[i] = at
                 if self._need_pooled:
                     out[f"pooled.{i}"] = pooled
+        if self.token_clip is not None:  # outlier tokens: clip the token taps' maps (teacher/outliers.py)
+            maps = {i: clip_maps(m, self.token_clip) if self.taps[i].layout == "NLC" else m
+                    for i, m in maps.items()}  # fmt: skip
         for i, m in maps.items():
             for v in self.dct_variants:
                 out[f"dct.{v}.{i}"] = ops.dct_targets(m, v)
