@@ -1,7 +1,7 @@
 """High-norm outlier tokens in transformer energy maps, and the ``--token-clip Q`` remedy.
 
-Large ViTs trained long keep a few patch tokens with norms 10-100x the others (Darcet et al. 2024,
-"Vision Transformers Need Registers"): they sit on background patches and hold global information.
+Large ViTs trained long keep a few patch tokens with much larger norms than the rest (Darcet et al.
+2024, "Vision Transformers Need Registers"), mostly on background patches.
 In ``at = l2n(mean_c(F**2))`` such a token takes most of the map's mass, so the map is a few bright
 cells, not where the object is, and AT/DCT/AFD then ask the student to copy those cells.
 
