@@ -7,6 +7,7 @@ the data are 64 random 32x32 RGB images with a learnable label (``_distill.make_
 
 from __future__ import annotations
 
+import json
 from functools import cache
 from pathlib import Path
 
@@ -26,11 +27,12 @@ def rgb_data() -> str:
 
 @cache
 def vit_cache(views: int = 2) -> str:
-    """A float32 cache of the ViT teacher over rgb_data() with DCT stored (as the online teacher makes it)."""
+    """A float32 cache of the ViT teacher over rgb_data(), DCT stored (as the online teacher makes it)
+    and the class-token attention."""
     out = D._DIR / f"vit-cache-{views}"
     D.run_ok(["cache-teacher", V.export("legacy"), "--data", rgb_data(), "--out", str(out), "--views",
               str(views), "--dtype", "float32", "--vec-dtype", "float32", "--threads", "1", "--no-progress",
-              "--targets", "logits,at,dct,pooled"])  # fmt: skip
+              "--targets", "logits,at,dct,pooled,attn"])  # fmt: skip
     return str(out)
 
 
@@ -99,3 +101,17 @@ def test_vit_student_from_vit_and_cnn_teachers(tmp_path):
         for s, t, r_ in ((0, 0, 16), (2, 1, 8), (3, 2, 4))
     ]
     assert "loss" in r.stderr
+
+
+def test_show_maps_puts_student_maps_under_their_blocks(tmp_path):
+    run = tmp_path / "run"
+    D.run_ok(_args(run, "--cache", vit_cache(), "--method", "at+kd", "--max-steps", "2", "--no-export"))
+    png = tmp_path / "maps.png"
+    r = D.run_ok(["show-maps", vit_cache(), "--sample", "1", "--run", str(run), "--out", str(png)])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", r.stdout
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["paired_teacher_taps"] == [1, 3, 5] and cfg["paired_student_taps"] == [
+        "layer1",
+        "layer2",
+        "layer3",
+    ]

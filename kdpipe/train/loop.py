@@ -270,7 +270,9 @@ def setup(cfg: DistillConfig, world: WorldInfo, log: Log) -> Run:
               loader=loader(source, sampler, workers, device.type == "cuda"), ckpts=ckpts,
               logs=RunLog(out, world.is_main, cfg.tensorboard),
               preprocess={"input_size": [teacher.policy.size] * 2, "normalize": norm.to_dict()})  # fmt: skip
-    resolved = restore(run, log) | {"num_classes": num_classes, "in_chans": norm.channels, "pairing": pairing}
+    resolved = restore(run, log) | {"num_classes": num_classes, "in_chans": norm.channels, "pairing": pairing,
+                                    "paired_student_taps": student.taps.names,
+                                    "paired_teacher_taps": teacher.selected}  # fmt: skip
     if world.is_main:
         (out / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
         for line in describe_taps(cfg.student, method, student, teacher, pairing):
