@@ -222,3 +222,14 @@ def test_token_clip_clips_the_maps_and_their_dct(tmp_path, reduce):
         )
     bad = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "bad"), "--token-clip", "1.5"])
     assert bad.exit_code == 2 and "between 0 and 1" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+def test_cache_verify_live_on_a_clipped_vit_cache(tmp_path):
+    np.savez(tmp_path / "data.npz", x=V.images(6, seed=7), y=np.arange(6) % V.CLASSES)
+    out = tmp_path / "cache"
+    args = ["cache-teacher", V.export("legacy"), "--data", str(tmp_path / "data.npz"), "--out", str(out)]
+    args += ["--views", "2", "--targets", "logits,at,dct,pooled,attn", "--token-clip", "0.9", "--no-progress"]
+    assert CliRunner().invoke(cli, [*args, "--threads", "1"]).exit_code == 0
+    r = CliRunner().invoke(cli, ["cache", "verify", str(out), "--live", "5"])
+    assert r.exit_code == 0, r.output
+    assert "attn" in r.output and "at" in r.output
