@@ -15,6 +15,11 @@ is the stage output there. Resolutions without a residual Add (stems, heads) are
 with no residual Add at all (a plain CNN) falls back to the last activation-like output
 (Relu/Clip/.../Add/Conv/BatchNormalization) at each resolution larger than 1x1. Taps are ordered by
 depth: resolution from high to low, ties by graph order.
+
+Transformers (:mod:`kdpipe.teacher.vit_taps`): token tensors (B, T, C) tracked back to a patch grid
+are candidates too, with layout "NLC" and shape (C, h, w) of the grid; ``auto`` appends every
+transformer block's output (in block order) to the CNN stage outputs (a hybrid's conv stem), and the
+plain-CNN fallback is not used when blocks exist. ``blocks`` / ``blocks:I,J`` pick blocks by number.
 """
 
 from __future__ import annotations
