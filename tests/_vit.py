@@ -58,16 +58,36 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+class HybridStem(nn.Module):
+    """A conv stem with one residual block at 32x32 (NCHW), for a hybrid (conv + transformer) ViT."""
+
+    WIDTH = 8
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, self.WIDTH, 3, 1, 1)
+        self.body = nn.Sequential(nn.ReLU(), nn.Conv2d(self.WIDTH, self.WIDTH, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        return x + self.body(x)
+
+
 class TinyViT(nn.Module):
     """See the module docstring. ``extra``: leading extra tokens (0: none, mean-pooled head; 1: class;
     2: class + distillation); ``registers``: register tokens inserted after the class token once the
     position embedding is added (DINOv2's ``cat(x[:, :1], reg, x[:, 1:])``); ``patchify``: "conv" (a
-    4x4 stride-4 Conv) or "reshape" (Reshape/Transpose into (B, 8, 8, 4, 4, 3), then a Linear)."""
+    4x4 stride-4 Conv), "reshape" (Reshape/Transpose into (B, 8, 8, 4, 4, 3), then a Linear) or
+    "hybrid" (a residual conv stem at 32x32, then the 4x4 Conv)."""
 
     def __init__(self, extra: int = 1, registers: int = 0, patchify: str = "conv") -> None:
         super().__init__()
         self.extra, self.patchify = extra, patchify
-        self.patch = nn.Conv2d(3, DIM, PATCH, PATCH) if patchify == "conv" else nn.Linear(3 * PATCH**2, DIM)
+        self.stem = HybridStem() if patchify == "hybrid" else None
+        cin = HybridStem.WIDTH if patchify == "hybrid" else 3
+        self.patch = (
+            nn.Conv2d(cin, DIM, PATCH, PATCH) if patchify != "reshape" else nn.Linear(3 * PATCH**2, DIM)
+        )
         self.tokens = nn.Parameter(torch.randn(1, extra, DIM) * 0.5) if extra else None
         self.reg = nn.Parameter(torch.randn(1, registers, DIM) * 0.5) if registers else None
         self.pos = nn.Parameter(torch.randn(1, extra + GRID * GRID, DIM) * 0.2)
@@ -77,7 +97,9 @@ class TinyViT(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, 32, 32) -> patch tokens (B, 64, DIM), row-major over the 8x8 grid."""
-        if self.patchify == "conv":
+        if self.stem is not None:
+            x = self.stem(x)
+        if self.patchify != "reshape":
             return self.patch(x).flatten(2).transpose(1, 2)
         b = x.shape[0]
         x = x.reshape(b, 3, GRID, PATCH, GRID, PATCH).permute(0, 2, 4, 3, 5, 1)

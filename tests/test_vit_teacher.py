@@ -233,3 +233,17 @@ def test_cache_verify_live_on_a_clipped_vit_cache(tmp_path):
     r = CliRunner().invoke(cli, ["cache", "verify", str(out), "--live", "5"])
     assert r.exit_code == 0, r.output
     assert "attn" in r.output and "at" in r.output
+
+
+@pytest.mark.parametrize("exporter", ["legacy"])  # the dynamo graph of the same blocks: tests above
+def test_a_hybrid_teacher_gives_its_conv_stage_then_its_blocks(exporter):
+    graph = load_teacher(V.export(exporter, 1, 0, "hybrid"))
+    taps = auto_taps(graph)
+    assert [(t.layout, t.shape, t.block) for t in taps] == [("NCHW", (8, 32, 32), 0)] + [
+        ("NLC", (V.DIM, *GRID), b) for b in range(1, V.DEPTH + 1)
+    ]
+    x = _nchw(V.images(2, seed=4))
+    _, ref, _ = V.tokens_and_softmax(x, 1, 0, "hybrid")
+    got = _outputs(V.export(exporter, 1, 0, "hybrid"), [t.name for t in taps[1:]], x)
+    for r, g in zip(ref, got, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
