@@ -34,6 +34,26 @@ def cache(out: Path, views: int) -> Path:
     return path
 
 
+def outliers(cache_dir: Path, q: float = 0.9) -> list[str]:
+    """Do a few cells dominate the teacher's at maps? Every 4th sample, view 0, per block, as cached and
+    clipped at the q-quantile (``--token-clip``; on 49 cells q = 0.98 would clip nothing)."""
+    import numpy as np
+
+    from kdpipe import cache as cache_mod
+    from kdpipe.teacher.outliers import clip_maps, outlier_stats
+
+    c = cache_mod.open(str(cache_dir))
+    s = np.arange(0, len(c), 4)
+    lines = [f"| block | top cell's share of the squared mass | max / median | clipped at {q}: share | max / median |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for i, tap in enumerate(c.manifest["taps"]):
+        at = c.gather(f"at.{i}", s, np.zeros_like(s))
+        a, b = outlier_stats(at), outlier_stats(clip_maps(at, q))
+        lines.append(f"| {tap.get('block', i)} | {a['top_cell_mass']:.3f} | {a['max_over_median']:.2f} | "
+                     f"{b['top_cell_mass']:.3f} | {b['max_over_median']:.2f} |")  # fmt: skip
+    return lines
+
+
 def report(out: Path) -> None:
     table = summarise(out)
     (out / "evidence.json").write_text(json.dumps(table, indent=2))
@@ -47,6 +67,7 @@ def report(out: Path) -> None:
         kdpipe("show-maps", str(out / DATA / "cache-k8"), "--sample", str(sample), "--run",
                str(runs / "vit-k8-ce-s0"), "--run", str(runs / "vit-k8-at+kd-s0"), "--out",
                str(img / f"maps-vit-{DATA}-{sample}.png"))  # fmt: skip
+    lines += ["", *outliers(out / DATA / "cache-k8")]
     (out / "tables.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
