@@ -44,8 +44,10 @@ def outliers(cache_dir: Path, q: float = 0.9) -> list[str]:
 
     c = cache_mod.open(str(cache_dir))
     s = np.arange(0, len(c), 4)
-    lines = [f"| block | top cell's share of the squared mass | max / median | clipped at {q}: share | max / median |",
-             "|---|---|---|---|---|"]  # fmt: skip
+    head = (
+        f"| block | largest cell's share of sum(at**2) | max / median | clipped at {q}: share | max/median |"
+    )
+    lines = [head, "|---|---|---|---|---|"]
     for i, tap in enumerate(c.manifest["taps"]):
         at = c.gather(f"at.{i}", s, np.zeros_like(s))
         a, b = outlier_stats(at), outlier_stats(clip_maps(at, q))
