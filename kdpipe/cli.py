@@ -420,7 +420,13 @@ def cache_merge(src: str, dst: str) -> None:
 @click.option(
     "--student-taps", default="auto", show_default=True, help="auto or comma-separated module paths."
 )
-@click.option("--teacher-taps", default="auto", show_default=True, help="Online teacher only.")
+@click.option(
+    "--teacher-taps",
+    default="auto",
+    show_default=True,
+    help="Teacher taps to pair: with --cache, cached tap indices (0,2,4), blocks:I,J or tap names; "
+    "online, a --taps spec.",
+)
 @click.option(
     "--teacher-card",
     type=click.Path(),
