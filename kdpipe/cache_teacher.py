@@ -22,7 +22,8 @@ from kdpipe.cache import format as fmt
 from kdpipe.errors import KdpipeError
 from kdpipe.progress import Progress
 
-ALL_TARGETS = ("logits", "at", "dct", "pooled", "attn")  # attn: transformer teachers only
+ALL_TARGETS = ("logits", "at", "dct", "pooled")  # the kinds every teacher has
+TOKEN_TARGETS = ("attn",)  # transformer teachers only: the class token's attention (vit_surgery)
 # DCT targets are derived from the at maps at training time unless asked for (kdpipe/targets.py)
 DEFAULT_TARGETS = ("logits", "at", "pooled")
 
@@ -155,7 +156,7 @@ def build_manifest(job: CacheJob, graph: Any, taps: list[Any], spec: Any, datase
             for t in taps
         ],
         "targets": {
-            "kinds": [k for k in ALL_TARGETS if k in job.targets],
+            "kinds": [k for k in ALL_TARGETS + TOKEN_TARGETS if k in job.targets],
             "at": {
                 "definition": "l2normalize(mean_c(F**2)) per sample",
                 "eps": ops.AT_EPS,
@@ -279,9 +280,11 @@ def cache_teacher(job: CacheJob, log: Any = print) -> dict[str, Any]:
     from kdpipe.teacher.vit_surgery import check_attention
 
     keep_freed_memory(one_arena=True)  # before the preparation and write threads start
-    unknown = set(job.targets) - set(ALL_TARGETS)
+    unknown = set(job.targets) - set(ALL_TARGETS + TOKEN_TARGETS)
     if unknown or not job.targets:
-        raise KdpipeError(f"--targets {','.join(job.targets)}: choose from {','.join(ALL_TARGETS)}")
+        raise KdpipeError(
+            f"--targets {','.join(job.targets)}: choose from {','.join(ALL_TARGETS + TOKEN_TARGETS)}"
+        )
     for v in job.dct_variants:
         if v not in ops.DCT_VARIANTS:
             raise KdpipeError(f"--dct-variant {v!r}: choose from {', '.join(ops.DCT_VARIANTS)}")
