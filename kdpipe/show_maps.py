@@ -67,6 +67,7 @@ def show_maps(
     from kdpipe.data import load_dataset
     from kdpipe.data.preprocess import Normalize
     from kdpipe.data.views import ViewPolicy, apply_views
+    from kdpipe.pairing import pair_indices
 
     cache = cache_mod.open(cache_path)
     if not 0 <= sample < len(cache):
@@ -89,7 +90,7 @@ def show_maps(
         model, staps, cfg = load_student_run(run)
         x = torch.from_numpy(np.ascontiguousarray(norm(u8)))
         # each student map under the teacher tap it was paired with (a ViT teacher has more taps)
-        paired = cfg.get("paired_teacher_taps") or list(range(min(len(taps), len(staps.names))))
+        paired = cfg.get("paired_teacher_taps") or pair_indices(len(staps.names), len(taps))[1]
         maps = student_maps(model, staps, x, [sizes[t] for t in paired])
         row: list[np.ndarray | None] = [None] * len(taps)
         for t, m in zip(paired, maps, strict=True):
