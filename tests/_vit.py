@@ -2,10 +2,10 @@
 
 ``TinyViT``: 32x32 RGB input, a 4x4 patch-embedding Conv (an 8x8 grid of 64 patch tokens), a class
 token (and, with ``extra=2``, a DeiT-style distillation token after it), learned position embeddings,
-6 pre-norm blocks ``x = x + attn(ln1(x)); x = x + mlp(ln2(x))`` with explicit softmax attention, a
-final LayerNorm and a linear head on the class token. The module paths ``blocks.{i}`` name the
-block outputs (the Add after each MLP), which is what ``--taps auto`` must pick. Models and exports
-are memoised per process.
+6 pre-norm blocks ``x = x + attn(ln1(x)); x = x + mlp(ln2(x))`` with explicit softmax attention (the
+zoo ViT's ``Block``, MLP 2x), a final LayerNorm and a linear head on the class token. The module
+paths ``blocks.{i}`` name the block outputs (the Add after each MLP), which is what ``--taps auto``
+must pick. Models and exports are memoised per process.
 """
 
 from __future__ import annotations
@@ -23,39 +23,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from kdpipe.student.vit import Block  # pre-norm block with an nn.Softmax module (hooked below)
+
 SIZE, PATCH, DIM, HEADS, DEPTH, CLASSES = 32, 4, 32, 2, 6, 5
 GRID = SIZE // PATCH
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with an explicit Softmax over (B, heads, T, T)."""
-
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.softmax = nn.Softmax(dim=-1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, c = x.shape
-        qkv = self.qkv(x).reshape(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        att = self.softmax((q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5)
-        return self.proj((att @ v).transpose(1, 2).reshape(b, t, c))
-
-
-class Block(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.ln1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
-        self.ln2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
 
 
 class HybridStem(nn.Module):
@@ -91,7 +62,7 @@ class TinyViT(nn.Module):
         self.tokens = nn.Parameter(torch.randn(1, extra, DIM) * 0.5) if extra else None
         self.reg = nn.Parameter(torch.randn(1, registers, DIM) * 0.5) if registers else None
         self.pos = nn.Parameter(torch.randn(1, extra + GRID * GRID, DIM) * 0.2)
-        self.blocks = nn.Sequential(*[Block(DIM, HEADS) for _ in range(DEPTH)])
+        self.blocks = nn.Sequential(*[Block(DIM, HEADS, mlp_ratio=2.0) for _ in range(DEPTH)])
         self.norm = nn.LayerNorm(DIM)
         self.head = nn.Linear(DIM, CLASSES)
 

@@ -37,11 +37,12 @@ class Attention(nn.Module):
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.softmax = nn.Softmax(dim=-1)  # a module, so a hook can read the attention (B, heads, T, T)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, c = x.shape
         q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        att = torch.softmax((q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5, dim=-1)
+        att = self.softmax((q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5)
         return self.proj((att @ v).transpose(1, 2).reshape(b, t, c))
 
 
