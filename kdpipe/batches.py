@@ -21,6 +21,26 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 0x6B64]).permutation(n).astype(np.int64)
 
 
+def chunked_epoch_order(seed: int, epoch: int, n: int, chunk: int, window: int) -> np.ndarray:
+    """A permutation of range(n), int64, fixed by (seed, epoch), that stays inside windows of chunks.
+
+    The ``ceil(n / chunk)`` chunks (consecutive sample ranges of ``chunk`` samples, as the cache stores
+    them) are shuffled and grouped ``window`` at a time; the samples of each group are shuffled among
+    themselves, and the groups follow each other. So consecutive batches read from at most ``window``
+    chunks (two where a batch straddles groups), which can be read ahead as whole ranges.
+    """
+    if chunk < 1 or window < 1:
+        raise ValueError("chunk and window must be >= 1")
+    rng = np.random.default_rng([seed, epoch, 0x636B])
+    chunks = rng.permutation(-(-n // chunk))
+    parts = []
+    for g in range(0, len(chunks), window):
+        ranges = [np.arange(c * chunk, min(n, (c + 1) * chunk)) for c in chunks[g : g + window]]
+        members = np.concatenate(ranges)
+        parts.append(rng.permutation(members))
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
 def epoch_views(seed: int, epoch: int, samples: np.ndarray, num_views: int) -> np.ndarray:
     """View index per sample for this epoch (int64), cycling through all views every K epochs."""
     if num_views <= 1:
@@ -92,13 +112,22 @@ class BatchSource(torch.utils.data.Dataset):
 
 class EpochKeys(torch.utils.data.Sampler):
     """The batch keys of the current epoch. The sampler lives in the main process, so replacing
-    ``keys`` between epochs lets one DataLoader keep its worker processes for the whole run."""
+    ``keys`` between epochs lets one DataLoader keep its worker processes for the whole run.
+
+    ``hints`` (optional): key index -> a callable run when that key is handed to the loader (the
+    chunk-local order's read-ahead of the next window); it runs as early as the loader prefetches.
+    """
 
     def __init__(self) -> None:
         self.keys: list[tuple[np.ndarray, np.ndarray]] = []
+        self.hints: dict[int, Any] = {}
 
     def __iter__(self) -> Any:
-        return iter(self.keys)
+        for i, key in enumerate(self.keys):
+            hint = self.hints.get(i)
+            if hint is not None:
+                hint()
+            yield key
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -111,6 +111,12 @@ def token_record(tap: Any) -> dict[str, Any]:
     return {"tokens": tap.tokens, "token_start": tap.token_start, "block": tap.block}
 
 
+def decoder_versions() -> dict[str, str | None]:
+    from kdpipe.data.folder import decoder_versions as versions
+
+    return versions()
+
+
 def build_manifest(job: CacheJob, graph: Any, taps: list[Any], spec: Any, dataset: Any, policy: Any) -> dict:
     """The self-describing manifest: what was cached, from what, how, and the array layout."""
     num_views = max(job.views, 1)
@@ -178,6 +184,7 @@ def build_manifest(job: CacheJob, graph: Any, taps: list[Any], spec: Any, datase
             "fingerprint": dataset.fingerprint(),
             "class_names": dataset.class_names,
             "skipped": list(getattr(dataset, "skipped", [])),
+            **({"decoder": dataset.decoder()} if hasattr(dataset, "decoder") else {}),
         },
         "views": {"policy": policy.to_dict(), "seed": job.seed, "count": job.views},
         # "run" is the one section a resume does not compare: where things were, which software.
@@ -185,6 +192,7 @@ def build_manifest(job: CacheJob, graph: Any, taps: list[Any], spec: Any, datase
             "teacher_file": str(graph.path),
             "kdpipe": __version__,
             "command": "kdpipe cache-teacher (same arguments) to resume",
+            **({"decoder_versions": decoder_versions()} if hasattr(dataset, "decoder") else {}),
         },
     }
 

@@ -489,6 +489,14 @@ def cache_merge(src: str, dst: str) -> None:
     is_flag=True,
     help="Skip the crc32 check of the cached arrays at start (only after `kdpipe cache verify`).",
 )
+@click.option(
+    "--order",
+    default="random",
+    show_default=True,
+    help="Sample order: random, or chunked[:SAMPLES] (shuffle the cache's chunks, then the samples "
+    "inside windows of about SAMPLES, read ahead window by window: for caches larger than memory or "
+    "on network file systems; default window: 256 MiB of the rows read).",
+)
 def distill_cmd(**opts: Any) -> None:
     """Train a student from a teacher cache (or from an online teacher, for comparison)."""
     from kdpipe.train import distill

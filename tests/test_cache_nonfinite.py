@@ -146,6 +146,15 @@ def test_nan_inf_reported_refused_then_allowed(setup, tmp_path):
         "first": union[:10],
         "arrays": {k: len(v) for k, v in sorted(want.items())},
     }
+    assert kc.info(out)["nonfinite"] == doc["nonfinite"] == c.nonfinite()  # cache info shows it
+    info = CliRunner().invoke(cli, ["cache", "info", str(out)])
+    assert info.exit_code == 0 and "nonfinite:\n  samples: " + str(len(union)) in info.output, info.output
+    run = CliRunner().invoke(cli, ["distill", "--cache", str(out), "--data", str(setup["dir"] / "data.npz"),
+                                   "--student", "resnet8", "--method", "kd", "--out", str(tmp_path / "run"),
+                                   "--batch-size", "8", "--max-steps", "1", "--workers", "0",
+                                   "--threads", "1", "--no-progress", "--no-export"])  # fmt: skip
+    warned = [ln for ln in run.stderr.splitlines() if ln.startswith("WARNING:") and "--allow-nonfinite" in ln]
+    assert len(warned) == 1 and f"NaN/inf in {len(union)} sample(s)" in warned[0], run.stderr
     for name in c.arrays:  # exactly the expected rows hold NaN/inf on disk
         a = np.load(out / SHARD / f"{name}.npy").astype(np.float64).reshape(N, -1)
         bad = set(np.flatnonzero(~np.isfinite(a).all(axis=1)).tolist())

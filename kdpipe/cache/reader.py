@@ -236,6 +236,24 @@ class Cache:
         """True iff every shard of the layout is finished (COMPLETE.json valid, all chunks journaled)."""
         return all(s.complete for s in self.shards)
 
+    def nonfinite(self) -> dict[str, Any]:
+        """NaN/inf teacher outputs accepted at completion (``--allow-nonfinite``), over all shards:
+        {"samples": count, "first": [...], "arrays": {name: count}}; {} when there are none."""
+        found = [s.complete_doc.get("nonfinite") for s in self.shards if s.complete_doc]
+        docs: list[dict[str, Any]] = [d for d in found if isinstance(d, dict) and d.get("samples")]
+        if not docs:
+            return {}
+        arrays: dict[str, int] = {}
+        for d in docs:
+            for k, v in d.get("arrays", {}).items():
+                arrays[k] = arrays.get(k, 0) + int(v)
+        first = sorted(x for d in docs for x in d.get("first", []))[:10]
+        return {
+            "samples": sum([int(d["samples"]) for d in docs]),
+            "first": first,
+            "arrays": dict(sorted(arrays.items())),
+        }
+
     def missing(self) -> dict[int, list[int]]:
         """Shard index -> chunk indices not yet written (only unfinished shards)."""
         return {s.index: s.missing for s in self.shards if not s.complete and s.missing}
@@ -312,6 +330,36 @@ class Cache:
             for part in arr._parts if isinstance(arr, ShardedArray) else [arr]:
                 if part is not None:
                     _madvise(part, self._advice)
+
+    def read_ahead(self, names: list[str], chunks: list[int]) -> None:
+        """Ask the kernel to read chunks ``chunks`` of arrays ``names`` into the page cache now
+        (``posix_fadvise(WILLNEED)`` on each chunk's byte range: one sequential read per chunk and
+        file, started without waiting for it). A hint: it never fails a run."""
+        advice = getattr(os, "POSIX_FADV_WILLNEED", None)
+        if advice is None:
+            return
+        lay = self.layout
+        for name in names:
+            spec = lay.arrays[name]
+            row = spec.row_bytes(lay.num_views)
+            by_shard: dict[int, list[int]] = {}
+            for c in chunks:
+                by_shard.setdefault(lay.shard_of_chunk(c), []).append(c)
+            for i, cs in by_shard.items():
+                first = lay.shard_samples(i)[0]
+                head = len(fmt.npy_header(spec.np_dtype, lay.file_shape(name, i)))
+                try:
+                    fd = os.open(self.shards[i].dir / f"{name}.npy", os.O_RDONLY)
+                except OSError:
+                    continue
+                try:
+                    for c in cs:
+                        s0, s1 = lay.chunk_range(c)
+                        os.posix_fadvise(fd, head + (s0 - first) * row, (s1 - s0) * row, advice)
+                except OSError:
+                    pass
+                finally:
+                    os.close(fd)
 
     def array(self, name: str) -> ArrayLike:
         """Stored array ``name`` over all samples: the np.memmap itself (one shard) or a ShardedArray."""
@@ -481,6 +529,7 @@ def info(path: str | os.PathLike, project: tuple[int, int] | None = None) -> dic
         "bytes_on_disk": _disk_bytes(c.path),
         "bytes_per_view": round(fmt.bytes_per_view(lay.arrays, V), 1),
         "complete": c.complete,
+        **({"nonfinite": c.nonfinite()} if c.nonfinite() else {}),
         "shards": {
             "count": lay.num_shards,
             "complete": sum(s.complete for s in c.shards),

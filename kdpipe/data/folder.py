@@ -30,6 +30,14 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 
 
+def decoder_versions() -> dict[str, str | None]:
+    """The versions behind FolderDataset's decoding: Pillow and its libjpeg-turbo."""
+    import PIL
+    from PIL import features
+
+    return {"pillow": PIL.__version__, "libjpeg_turbo": features.version("libjpeg_turbo")}
+
+
 def _default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
@@ -106,6 +114,7 @@ class FolderDataset(Dataset):
         self._grey: bool | None = None
         self._sha: str | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = os.getpid()
         self._lock = threading.Lock()
         self.skipped: list[str] = []  # relative paths left out (--skip-bad, or a cache's record of them)
         if exclude:
@@ -145,6 +154,10 @@ class FolderDataset(Dataset):
         self._lock = threading.Lock()
 
     def _executor(self) -> ThreadPoolExecutor:
+        if self._pool_pid != os.getpid():
+            # a forked child (DataLoader worker): the parent's pool threads do not exist here, and its
+            # lock may have been copied held; waiting on either would hang the worker forever
+            self._pool, self._pool_pid, self._lock = None, os.getpid(), threading.Lock()
         with self._lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="kdpipe-decode")
@@ -205,6 +218,40 @@ class FolderDataset(Dataset):
         if len({im.shape for im in images}) == 1:
             return np.stack(images)
         return images
+
+    def decoder(self, probes: int = 4) -> dict[str, Any]:
+        """What decodes the images, and what it makes of them: {"decoder": "pillow", "probe_files": the
+        first ``probes`` files, "pixels_sha256": the sha256 of their decoded uint8 pixels}. A cache
+        records it; distill checks that its machine decodes the probe files to the same pixels (the
+        teacher and the student must see the same pixels; docs/cache-format.md)."""
+        mode = "L" if self.channels == 1 else "RGB"
+        h = hashlib.sha256()
+        picks = list(range(min(probes, len(self.files))))
+        for i in picks:
+            arr = self._decode(i, mode)
+            h.update(f"{arr.shape}".encode())
+            h.update(np.ascontiguousarray(arr).tobytes())
+        return {
+            "decoder": "pillow",
+            "probe_files": [self.files[i] for i in picks],
+            "pixels_sha256": h.hexdigest(),
+        }
+
+    def check_decoder(self, record: dict[str, Any], made_with: dict[str, Any], where: str) -> None:
+        """Refuse (one line) to replay images this machine decodes to other pixels than ``record``."""
+        probes = [self.files.index(f) for f in record.get("probe_files", []) if f in self.files]
+        if len(probes) != len(record.get("probe_files", [])) or probes != list(range(len(probes))):
+            return  # another file list: the dataset fingerprint check speaks for that
+        if self.decoder(len(probes))["pixels_sha256"] != record.get("pixels_sha256"):
+            here = decoder_versions()
+            raise KdpipeError(
+                f"{where}: {record['probe_files'][0]}... decode to other pixels here than when the cache "
+                "was made (the files were changed in place, or the decoder differs: Pillow "
+                f"{made_with.get('pillow')} / libjpeg-turbo {made_with.get('libjpeg_turbo')} then, "
+                f"{here['pillow']} / {here['libjpeg_turbo']} here), so the student would not see the "
+                f"teacher's pixels; restore the files, install Pillow=={made_with.get('pillow')}, or "
+                "re-run cache-teacher"
+            )
 
     def content_sha256(self) -> str:
         if self._sha is None:

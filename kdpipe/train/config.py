@@ -62,6 +62,7 @@ class DistillConfig:
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0 = at epoch ends only
     tensorboard: bool = True  # write RUN/tensorboard/ when the tensorboard package is installed
     verify: bool = True  # check every chunk's crc32 of the arrays used before training (--no-verify)
+    order: str = "random"  # "random" | "chunked" | "chunked:SAMPLES" (kdpipe.train.order)
 
 
 def per_rank_batch(cfg: DistillConfig, world_size: int) -> int:

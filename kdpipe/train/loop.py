@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -40,7 +41,7 @@ from kdpipe.train.model import (
     parse_run_method,
 )
 from kdpipe.train.optim import Precision, lr_at, make_optimizer, set_lr
-from kdpipe.train.order import epoch_keys
+from kdpipe.train.order import ChunkedOrder, ReadAhead, class_mix, epoch_keys, parse_order, read_ahead_plan
 from kdpipe.train.summary import read_records, summarise, table
 from kdpipe.train.teacher import TeacherSource, check_one_source, open_teacher
 
@@ -91,6 +92,8 @@ class Run:
     pos: Position = field(default_factory=Position)
     pending_rng: torch.Tensor | None = None  # a mid-epoch resume restores it after the epoch's iterator
     world_sizes: list[int] = field(default_factory=list)
+    order: ChunkedOrder | None = None  # --order chunked: the windows, and their read-ahead
+    read_ahead: ReadAhead | None = None
     epoch_times: list[float] = field(default_factory=list)
     last_eval: dict[str, float] = field(default_factory=dict)
 
@@ -140,11 +143,15 @@ def train_epoch(run: Run, log: Log) -> None:
     """The steps of the current epoch from ``run.pos.step`` on (0, or where a checkpoint left off)."""
     cfg, pos, logs = run.cfg, run.pos, run.logs
     epoch = pos.epoch
-    keys = epoch_keys(cfg.seed, epoch, len(run.source.dataset), run.teacher.num_views, run.batch, run.world)
+    keys = epoch_keys(cfg.seed, epoch, len(run.source.dataset), run.teacher.num_views, run.batch, run.world,
+                      run.order)  # fmt: skip
     every = log_interval(cfg.log_every, len(keys))
     bar = Progress(len(keys) * run.batch, f"epoch {epoch + 1}/{cfg.epochs}",
                    enabled=cfg.progress and run.world.is_main, initial=pos.step * run.batch)  # fmt: skip
     run.sampler.keys = keys[pos.step :]
+    if run.order is not None and run.read_ahead is not None:
+        plan = read_ahead_plan(run.sampler.keys, run.order, run.global_batch)
+        run.sampler.hints = run.read_ahead.hints(plan)
     batches = iter(run.loader)
     if run.pending_rng is not None:  # after iter(): it draws the loader's seed from the torch RNG
         torch.set_rng_state(run.pending_rng)
@@ -246,6 +253,7 @@ def setup(cfg: DistillConfig, world: WorldInfo, log: Log) -> Run:
             f"samples of --data {cfg.data!r}: lower --batch-size"
         )
     method, plan = parse_run_method(cfg, teacher)
+    order = parse_order(cfg.order, teacher.cache, [*plan.read, "view_params"])
     norm = student_normalize(teacher.normalize)
     num_classes = teacher.num_classes or dataset.num_classes
     student = build_student(cfg, num_classes, norm.channels, teacher.policy.size, world.distributed)
@@ -281,9 +289,23 @@ def setup(cfg: DistillConfig, world: WorldInfo, log: Log) -> Run:
             log(f"WARNING: {cfg.epochs} epochs over {teacher.num_views} cached view(s): each view is reused "
                 f"{cfg.epochs / teacher.num_views:.0f}x (the 'fixed teacher' regime, known to overfit); "
                 "cache more views with --views")  # fmt: skip
+    if order is not None:
+        chunked_order(run, order, dataset, log)
     # after every other check, so that a user mistake never waits for this read
     teacher.verify([*plan.read, "labels", "view_params"], cfg.verify, world, log)
     return run
+
+
+def chunked_order(run: Run, order: ChunkedOrder, dataset: Any, log: Log) -> None:
+    """``--order chunked``: the windows, their read-ahead, and what they do to a batch's class mix."""
+    cfg = run.cfg
+    run.order, run.read_ahead = order, ReadAhead(run.teacher.cache, [*run.plan.read, "view_params"])
+    if run.world.is_main:
+        o, n, labels = order, len(dataset), np.asarray(dataset.labels)
+        mixed = class_mix(labels, epoch_keys(cfg.seed, 0, n, 1, run.batch, run.world, o))
+        plain = class_mix(labels, epoch_keys(cfg.seed, 0, n, 1, run.batch, run.world))
+        log(f"order: chunked, windows of {o.window} chunk(s) x {o.chunk} samples; a batch holds "
+            f"{mixed:.1f} distinct classes on average ({plain:.1f} with --order random)")  # fmt: skip
 
 
 def student_normalize(teacher_norm: Any) -> Any:

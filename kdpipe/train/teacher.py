@@ -98,6 +98,11 @@ def open_cache(cfg: DistillConfig) -> tuple[Any, Any]:
             f"(differs in: {', '.join(diff)}); "
             f"the cache was made from {cache.manifest['dataset'].get('spec')!r}"
         )
+    record = cache.manifest["dataset"].get("decoder")
+    if record is not None and hasattr(dataset, "check_decoder"):
+        dataset.check_decoder(
+            record, cache.manifest.get("run", {}).get("decoder_versions", {}), f"--data {cfg.data!r}"
+        )
     return cache, dataset
 
 
@@ -133,6 +138,12 @@ class CachedTeacher(TeacherSource):
 
     def verify(self, names: list[str], enabled: bool, world: WorldInfo, log: Any) -> None:
         verify_for_training(self.cache, names, enabled, world, log)
+        bad = self.cache.nonfinite()
+        if bad and world.is_main:
+            from kdpipe.cache.format import nonfinite_text
+
+            log(f"WARNING: {self.where} was completed with --allow-nonfinite: {nonfinite_text(bad)}; a "
+                "batch that draws such a sample stops the run with a non-finite loss")  # fmt: skip
 
     def check_targets(self, names: list[str], method: str, required: set[str]) -> None:
         available = set(self.cache.manifest["arrays"])

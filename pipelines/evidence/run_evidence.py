@@ -6,7 +6,9 @@
 
 For one dataset: cache the committed teacher with K views; train the student with each method and seed
 from the cache; the same AT and DCT runs with --online-teacher (same views); and AT+KD with caches of
-K = 1, 4, 16 views against an online teacher that sees a fresh view every epoch. Runs whose
+K = 1, 4, 16 views against an online teacher that sees a fresh view every epoch. ``--part storage``
+trains dct+kd and afd+kd from the compact default cache and from one that stores D, pooled vectors
+and logits in full (the storage before issue 13). Runs whose
 summary.json exists are skipped, so the script resumes after an interruption.
 """
 
@@ -31,8 +33,12 @@ def kdpipe(*args: str) -> None:
     subprocess.run(cmd, check=True)
 
 
-def cache(data: str, views: int, out: Path, flip: bool) -> Path:
-    path = out / data / f"cache-k{views}"
+# the storage of caches before issue 13: D stored, float32 pooled vectors and logits
+FULL_STORAGE = ["--targets", "logits,at,dct,pooled", "--vec-dtype", "float32", "--logits", "full"]
+
+
+def cache(data: str, views: int, out: Path, flip: bool, extra: tuple[str, ...] = (), tag: str = "") -> Path:
+    path = out / data / f"cache-k{views}{tag}"
     kdpipe(
         "cache-teacher",
         str(DEMO / f"teacher-{data}.onnx"),
@@ -48,6 +54,7 @@ def cache(data: str, views: int, out: Path, flip: bool) -> Path:
         "--out",
         str(path),
         "--no-progress",
+        *extra,
     )
     return path
 
@@ -95,7 +102,8 @@ def train(data: str, out: Path, name: str, method: str, seed: int, epochs: int, 
 def run_all(
     data: str, epochs: int, seeds: list[int], out: Path, views: int, part: str, view_seeds: list[int]
 ) -> None:
-    """``part``: all, methods (cached method table), online (cached-vs-online), views (K sweep)."""
+    """``part``: all, methods (cached method table), online (cached-vs-online), views (K sweep),
+    storage (the compact default cache against one with D, pooled and logits stored in full)."""
     flip = data != "digits"
     main = cache(data, views, out, flip)
     teacher = str(DEMO / f"teacher-{data}.onnx")
@@ -122,6 +130,12 @@ def run_all(
         for seed in seeds:
             for m in ("at", "dct"):
                 train(data, out, f"online-k{views}-{m}", m, seed, epochs, online)
+    if part == "storage":
+        full = cache(data, views, out, flip, tuple(FULL_STORAGE), "-fullstore")
+        for seed in seeds:
+            for m in ("dct+kd", "afd+kd"):
+                train(data, out, f"cache-k{views}-{m}", m, seed, epochs, ["--cache", str(main)])
+                train(data, out, f"cache-k{views}-fullstore-{m}", m, seed, epochs, ["--cache", str(full)])
     if part in ("all", "views"):
         fresh = [*online[:5], str(epochs), *online[6:]]  # a fresh view every epoch: the online ideal
         for seed in view_seeds:
@@ -229,7 +243,7 @@ def main() -> None:
     ap.add_argument("--view-seeds", type=int, nargs="+", default=[0], help="Seeds of the K-views sweep.")
     ap.add_argument("--out", default="out/evidence")
     ap.add_argument("--report", action="store_true")
-    ap.add_argument("--part", default="all", choices=["all", "methods", "online", "views"])
+    ap.add_argument("--part", default="all", choices=["all", "methods", "online", "views", "storage"])
     ap.add_argument("--threads", type=int, default=None, help="torch threads per training run")
     args = ap.parse_args()
     out = Path(args.out)
