@@ -23,7 +23,8 @@ from kdpipe.errors import KdpipeError
 from kdpipe.gradient import parse_form
 from kdpipe.progress import Progress
 
-ALL_TARGETS = ("logits", "at", "dct", "pooled", "grad")
+ALL_TARGETS = ("logits", "at", "dct", "pooled", "grad")  # the kinds every teacher has
+TOKEN_TARGETS = ("attn",)  # transformer teachers only: the class token's attention (vit_surgery)
 # DCT targets are derived from the at maps at training time unless asked for (kdpipe/targets.py)
 DEFAULT_TARGETS = ("logits", "at", "pooled")
 GRAD_DEFINITION = "d(sum_b CE(teacher(x_b), y_b))/du, u = RGB NCHW image in [0,1] (pixel/255) before mean/std"
@@ -66,6 +67,7 @@ class CacheJob:
     allow_nonfinite: bool = False
     grad_form: str = "full"  # --targets grad: full | csum | pool:K | csum+pool:K (kdpipe/gradient.py)
     grad_dtype: str = "float16"  # storage dtype of the grad array
+    token_clip: float | None = None  # transformer taps: clip at maps at this per-sample quantile (outliers)
 
 
 def view_policy_for(job: CacheJob, size: tuple[int, int], image_side: int) -> Any:
@@ -102,6 +104,17 @@ def logits_mode(spec: str, num_classes: int) -> int:
     return 0 if int(k) == num_classes else int(k)
 
 
+ATTN_DEFINITION = "mean over heads of the class token's softmax attention to the patch tokens, on (h, w)"
+
+
+def token_record(tap: Any) -> dict[str, Any]:
+    """The manifest keys of a transformer tap (token count, first patch token, block); {} for a CNN tap,
+    so CNN manifests are unchanged."""
+    if tap.layout != "NLC":
+        return {}
+    return {"tokens": tap.tokens, "token_start": tap.token_start, "block": tap.block}
+
+
 def decoder_versions() -> dict[str, str | None]:
     from kdpipe.data.folder import decoder_versions as versions
 
@@ -132,6 +145,8 @@ def build_manifest(job: CacheJob, graph: Any, taps: list[Any], spec: Any, datase
                 arrays[f"dct.{v}.{i}"] = {"shape": [h, w], "dtype": job.map_dtype, "per": "view"}
         if "pooled" in job.targets:
             arrays[f"pooled.{i}"] = {"shape": [c], "dtype": job.vec_dtype or "float16", "per": "view"}
+        if "attn" in job.targets:
+            arrays[f"attn.{i}"] = {"shape": [h, w], "dtype": job.map_dtype, "per": "view"}
     form = parse_form(job.grad_form, spec.size[0])
     if "grad" in job.targets:
         shape = form.shape((spec.normalize.channels, *spec.size))
@@ -150,14 +165,20 @@ def build_manifest(job: CacheJob, graph: Any, taps: list[Any], spec: Any, datase
                 "layout": t.layout,
                 "op_type": t.op_type,
                 "module_path": t.module_path,
+                **token_record(t),
             }
             for t in taps
         ],
         "targets": {
-            "kinds": [k for k in ALL_TARGETS if k in job.targets],
-            "at": {"definition": "l2normalize(mean_c(F**2)) per sample", "eps": ops.AT_EPS},
+            "kinds": [k for k in ALL_TARGETS + TOKEN_TARGETS if k in job.targets],
+            "at": {
+                "definition": "l2normalize(mean_c(F**2)) per sample",
+                "eps": ops.AT_EPS,
+                **({"token_clip": job.token_clip} if job.token_clip is not None else {}),
+            },
             "dct": {"variants": list(job.dct_variants), "eps": ops.DCT_EPS},
             "pooled": {"definition": "mean_hw(F)"},
+            **({"attn": {"definition": ATTN_DEFINITION}} if "attn" in job.targets else {}),
             "logits": {"top_k": topk, "rest": "mean of the other logits" if topk else None},
             # only with grad, so that caches without it keep the manifest (and resume) of before
             **({"grad": {"definition": GRAD_DEFINITION, "form": form.text}} if "grad" in job.targets else {}),
@@ -273,18 +294,25 @@ def cache_teacher(job: CacheJob, log: Any = print) -> dict[str, Any]:
     from kdpipe.distributed import discover_shard
     from kdpipe.memory import keep_freed_memory
     from kdpipe.teacher import TeacherRunner, load_teacher, resolve_taps, spec_for
+    from kdpipe.teacher.outliers import check_clip
+    from kdpipe.teacher.vit_surgery import check_attention
 
     keep_freed_memory(one_arena=True)  # before the preparation and write threads start
-    unknown = set(job.targets) - set(ALL_TARGETS)
+    unknown = set(job.targets) - set(ALL_TARGETS + TOKEN_TARGETS)
     if unknown or not job.targets:
-        raise KdpipeError(f"--targets {','.join(job.targets)}: choose from {','.join(ALL_TARGETS)}")
+        raise KdpipeError(
+            f"--targets {','.join(job.targets)}: choose from {','.join(ALL_TARGETS + TOKEN_TARGETS)}"
+        )
     for v in job.dct_variants:
         if v not in ops.DCT_VARIANTS:
             raise KdpipeError(f"--dct-variant {v!r}: choose from {', '.join(ops.DCT_VARIANTS)}")
     if job.views < 0:
         raise KdpipeError(f"--views {job.views}: must be >= 0 (0 = the plain input)")
     graph = load_teacher(job.teacher)
-    taps = resolve_taps(graph, job.taps) if {"at", "dct", "pooled"} & set(job.targets) else []
+    taps = resolve_taps(graph, job.taps) if {"at", "dct", "pooled", "attn"} & set(job.targets) else []
+    if "attn" in job.targets:
+        check_attention(taps)  # before anything is written
+    check_clip(job.token_clip)
     dataset = load_dataset(job.data, skip_bad=job.skip_bad)
     skipped = list(getattr(dataset, "skipped", []))
     if skipped:
@@ -338,6 +366,7 @@ def cache_teacher(job: CacheJob, log: Any = print) -> dict[str, Any]:
                 reduce=job.reduce,
                 dct_variants=job.dct_variants,
                 spinning=job.spinning,
+                token_clip=job.token_clip,
             )
             log(
                 f"teacher {graph.path} on {', '.join(runner.providers)}; {len(taps)} tap(s): "

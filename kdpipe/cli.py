@@ -221,6 +221,12 @@ def inspect(teacher: str) -> None:
     help="full, topk:K (the K largest logits + the others' mean), or auto (full up to 100 classes, "
     "else topk:100).",
 )
+@click.option(
+    "--token-clip",
+    type=float,
+    default=None,
+    help="Transformer taps: clip each at map at this per-sample quantile (e.g. 0.98) against outlier tokens.",
+)
 @click.option("--estimate", is_flag=True, help="Print the bytes per view and the cache's size; run nothing.")
 @click.option("--shard", default=None, help="INDEX/COUNT of an array job (default: Slurm/Kubernetes env).")
 @click.option("--card", type=click.Path(), default=None, help="YAML teacher card (preprocessing).")
@@ -263,6 +269,7 @@ def cache_teacher_cmd(
     map_dtype: str,
     vec_dtype: str | None,
     logits_mode: str,
+    token_clip: float | None,
     estimate: bool,
     shard: str | None,
     card: str | None,
@@ -310,6 +317,7 @@ def cache_teacher_cmd(
         map_dtype=map_dtype,
         vec_dtype=vec_dtype,
         logits=logits_mode,
+        token_clip=token_clip,
         estimate=estimate,
         shard=shard,
         card=card,
@@ -430,7 +438,13 @@ def cache_merge(src: str, dst: str) -> None:
 @click.option(
     "--student-taps", default="auto", show_default=True, help="auto or comma-separated module paths."
 )
-@click.option("--teacher-taps", default="auto", show_default=True, help="Online teacher only.")
+@click.option(
+    "--teacher-taps",
+    default="auto",
+    show_default=True,
+    help="Teacher taps to pair: with --cache, cached tap indices (0,2,4), blocks:I,J or tap names; "
+    "online, a --taps spec.",
+)
 @click.option(
     "--teacher-card",
     type=click.Path(),

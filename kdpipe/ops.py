@@ -3,7 +3,8 @@
 Target ops (``tap_targets``, ``dct_targets``, ``to_storage``): each has a NumPy implementation
 (``*_numpy``) used when ``kdpipe._native`` is missing and as the float64 reference in tests. Shapes:
 activations are (N, C, H, W) with ``channel_axis=1`` or (N, H, W, C) with ``channel_axis=3`` (or -1).
-All returned targets are float32. Input ops (``normalize_u8``, ``crop_resize_u8``) are the native
+All returned targets are float32; ``token_targets`` takes transformer tokens (N, T, C).
+Input ops (``normalize_u8``, ``crop_resize_u8``) are the native
 passes behind ``kdpipe.data.preprocess.Normalize`` and ``kdpipe.data.transforms.crop_resize_batch``,
 which keep their NumPy forms for builds without the module.
 """
@@ -210,6 +211,22 @@ def tap_targets(x: np.ndarray, channel_axis: int = 1) -> tuple[np.ndarray, np.nd
         return tap_targets_numpy(x, channel_axis)
     at, pooled = _native.tap_targets(np.ascontiguousarray(x), axis, num_threads())
     return at, pooled
+
+
+def token_targets(x: np.ndarray, start: int, grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """``tap_targets`` of transformer tokens x (N, T, C) ("NLC"): the patch tokens ``start ..
+    start + h*w - 1`` laid out row-major on ``grid`` (h, w) are an NHWC map (N, h, w, C), so the NHWC
+    kernel reduces them; the extra tokens are left out. Returns at (N, h, w) and pooled (N, C), float32.
+    Only the patch tokens are copied, and only when extra tokens surround them."""
+    if not isinstance(x, np.ndarray) or x.ndim != 3:
+        raise ValueError(f"token_targets: expected tokens (N, T, C), got {getattr(x, 'shape', type(x))}")
+    h, w = grid
+    if start < 0 or h < 1 or w < 1 or start + h * w > x.shape[1]:
+        raise ValueError(
+            f"token_targets: patch tokens {start}..{start + h * w - 1} do not fit T = {x.shape[1]}"
+        )
+    patches = x[:, start : start + h * w, :].reshape(x.shape[0], h, w, x.shape[2])
+    return tap_targets(patches, channel_axis=3)
 
 
 def dct_targets(maps: np.ndarray, variant: str = "dft-abs") -> np.ndarray:

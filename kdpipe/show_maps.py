@@ -37,7 +37,8 @@ def load_student_run(run: str) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["module"]
     model.load_state_dict({k[len("student.") :]: v for k, v in state.items() if k.startswith("student.")})
     model.eval()
-    return model, StudentTaps(model, cfg.get("student_taps", "auto")), cfg
+    names = cfg.get("paired_student_taps") or cfg.get("student_taps", "auto")  # the taps the run trained
+    return model, StudentTaps(model, names), cfg
 
 
 def student_maps(model: torch.nn.Module, taps: Any, x: torch.Tensor, sizes: list[tuple[int, int]]) -> list:
@@ -66,6 +67,7 @@ def show_maps(
     from kdpipe.data import load_dataset
     from kdpipe.data.preprocess import Normalize
     from kdpipe.data.views import ViewPolicy, apply_views
+    from kdpipe.pairing import pair_indices
 
     cache = cache_mod.open(cache_path)
     if not 0 <= sample < len(cache):
@@ -77,14 +79,23 @@ def show_maps(
     params = np.asarray(cache.view_params[sample, view], dtype=np.int32)[None]
     u8 = apply_views(ds.load(np.array([sample])), params, policy)
     taps = cache.taps
-    teacher = [cache.gather(f"at.{i}", np.array([sample]), np.array([view]))[0] for i in range(len(taps))]
+    one = (np.array([sample]), np.array([view]))
+    teacher = [cache.gather(f"at.{i}", *one)[0] for i in range(len(taps))]
     sizes = [t.shape for t in teacher]
-    rows: list[tuple[str, list[np.ndarray]]] = [("teacher (cache)", teacher)]
+    rows: list[tuple[str, list[np.ndarray | None]]] = [("teacher at (cache)", list(teacher))]
+    if "attn.0" in cache.manifest["arrays"]:  # a transformer's own class-token attention
+        rows.append(("teacher attn (cache)", [cache.gather(f"attn.{i}", *one)[0] for i in range(len(taps))]))
     norm = Normalize.from_dict(cache.manifest["teacher"]["spec"]["normalize"])
     for run in runs:
         model, staps, cfg = load_student_run(run)
         x = torch.from_numpy(np.ascontiguousarray(norm(u8)))
-        rows.append((f"{cfg['student']} {cfg['method']}", student_maps(model, staps, x, sizes)))
+        # each student map under the teacher tap it was paired with (a ViT teacher has more taps)
+        paired = cfg.get("paired_teacher_taps") or pair_indices(len(staps.names), len(taps))[1]
+        maps = student_maps(model, staps, x, [sizes[t] for t in paired])
+        row: list[np.ndarray | None] = [None] * len(taps)
+        for t, m in zip(paired, maps, strict=True):
+            row[t] = m
+        rows.append((f"{cfg['student']} {cfg['method']}", row))
     ncol = len(taps) + 1
     fig, axes = plt.subplots(len(rows), ncol, figsize=(2.2 * ncol, 2.2 * len(rows)), squeeze=False)
     label = ds.class_names[int(ds.labels[sample])] if ds.class_names else str(int(ds.labels[sample]))
@@ -97,10 +108,13 @@ def show_maps(
         ax.set_yticks([])
         for c, m in enumerate(maps):
             ax = axes[r][c + 1]
-            ax.imshow(m, cmap="inferno")
+            if m is not None:
+                ax.imshow(m, cmap="inferno")
+            else:
+                ax.set_axis_off()  # a teacher tap this student was not paired with
             ax.set_xticks([])
             ax.set_yticks([])
-            if r == 0:
+            if r == 0 and m is not None:
                 ax.set_title(f"tap {c} {m.shape[0]}x{m.shape[1]}", fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)

@@ -107,7 +107,7 @@ def live_check(
         r.arrays.append(name)
         diff, worst = _compare(stored[name], got, RTOL[dtype], ABS.get(dtype, 0.0))
         r.max_abs_diff, r.worst = max(r.max_abs_diff, diff), max(r.worst, worst)
-    ordered = [reports[k] for k in ("logits", "at", "dct", "pooled", "grad") if k in reports]
+    ordered = [reports[k] for k in ("logits", "at", "dct", "pooled", "attn", "grad") if k in reports]
     return LiveReport(len(samples), str(tpath), graph.sha256 == m["teacher"]["sha256"], ordered, problems)
 
 
@@ -178,6 +178,7 @@ def _run_teacher(
         graph, taps, spec, targets=set(m["targets"]["kinds"]) - {"grad"} | {"logits"}, provider=provider,
         threads=threads,
         reduce="graph", dct_variants=m["targets"].get("dct", {}).get("variants", ()), spinning=False,
+        token_clip=m["targets"].get("at", {}).get("token_clip"),
     )  # fmt: skip
     images = dataset.load(samples)
     per_item = images if isinstance(images, np.ndarray) else list(images)

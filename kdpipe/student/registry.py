@@ -51,7 +51,7 @@ def list_models() -> list[str]:
 
 def _load_zoo() -> None:
     # importing the zoo modules runs their @register_model decorators
-    from kdpipe.student import mobilenetv2, resnet_cifar, resnet_imagenet, wrn  # noqa: F401
+    from kdpipe.student import mobilenetv2, resnet_cifar, resnet_imagenet, vit, wrn  # noqa: F401
 
 
 def _close(name: str, choices: list[str]) -> str:

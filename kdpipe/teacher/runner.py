@@ -19,11 +19,13 @@ import onnxruntime as ort
 from kdpipe import ops
 from kdpipe.errors import KdpipeError
 from kdpipe.teacher.graph import TeacherGraph
+from kdpipe.teacher.outliers import check_clip, clip_maps
 from kdpipe.teacher.spec import TeacherSpec
 from kdpipe.teacher.surgery import append_reductions, expose
 from kdpipe.teacher.taps import TapInfo
+from kdpipe.teacher.vit_surgery import append_attention, grid_views
 
-TARGET_KINDS = ("logits", "at", "pooled", "dct")
+TARGET_KINDS = ("logits", "at", "pooled", "dct", "attn")
 PROVIDERS = ("auto", "cpu", "cuda")
 REDUCE_MODES = ("graph", "native")
 _CUDA = "CUDAExecutionProvider"
@@ -87,8 +89,11 @@ class TeacherRunner:
     """The teacher as a function from a float32 input batch to its targets.
 
     ``run(x)`` returns float32 arrays keyed by cache array names: ``logits`` (B, K), ``at.{i}``
-    (B, H_i, W_i), ``pooled.{i}`` (B, C_i), ``dct.{variant}.{i}`` (B, H_i, W_i), for the requested
-    ``targets`` (a subset of "logits", "at", "pooled", "dct"); ``i`` indexes ``taps``.
+    (B, H_i, W_i), ``pooled.{i}`` (B, C_i), ``dct.{variant}.{i}`` (B, H_i, W_i), ``attn.{i}`` (B, h_i,
+    w_i), for the requested ``targets`` (a subset of "logits", "at", "pooled", "dct", "attn"); ``i``
+    indexes ``taps``. Token taps ("NLC", transformers) give their targets on the patch grid, the extra
+    tokens dropped inside the graph (:mod:`kdpipe.teacher.vit_surgery`); ``token_clip`` clips their
+    maps at a per-sample quantile (:mod:`kdpipe.teacher.outliers`).
     ``output_names`` lists those keys; ``providers`` the execution providers the session really uses.
     A teacher with a batch fixed at 1 is run one sample at a time. ``io_binding`` (default: on CUDA)
     binds the input and outputs through an onnxruntime IOBinding.
@@ -106,7 +111,10 @@ class TeacherRunner:
         dct_variants: Iterable[str] = ("dft-abs",),
         spinning: bool = True,
         io_binding: bool | None = None,
+        token_clip: float | None = None,
     ) -> None:
+        check_clip(token_clip)
+        self.token_clip = token_clip
         self.graph = graph
         self.taps = list(taps)
         self.spec = spec
@@ -131,23 +139,30 @@ class TeacherRunner:
         self._need_pooled = "pooled" in self.targets
         taps_needed = self._need_at or self._need_pooled
 
+        self._attn: dict[str, str] = {}
         model = graph.model
+        if "attn" in self.targets:  # always in the graph: the Softmax is larger than the tokens
+            model, self._attn = append_attention(model, graph.opset, self.taps, graph.elem_types)
+        # token taps (B, T, C) become their (B, h, w, C) patch grids inside the graph
+        model, self._grid_taps, types = grid_views(model, graph.opset, self.taps, graph.elem_types)
         self._reduced: dict[str, str] = {}
         self._raw: list[str] = []
         if taps_needed and reduce == "graph":
+            clip = token_clip is not None  # then the maps are clipped, and DCT made from them, on the host
             model, self._reduced = append_reductions(
                 model,
                 graph.opset,
-                self.taps,
-                graph.elem_types,
-                "at" in self.targets,
+                self._grid_taps,
+                types,
+                "at" in self.targets or (clip and self._need_at),
                 self._need_pooled,
-                self.dct_variants,
+                () if clip else self.dct_variants,
             )
         elif taps_needed:
-            self._raw = [t.name for t in self.taps]
-            model = expose(model, self._raw, graph.elem_types)
+            self._raw = [t.name for t in self._grid_taps]
+            model = expose(model, self._raw, types)
         names = ([graph.logits_name] if "logits" in self.targets else []) + list(self._reduced.values())
+        names += list(self._attn.values())
         names += [r for r in self._raw if r not in names]
         self._names = names
         self.session = make_session(model.SerializeToString(), provider, threads, spinning)
@@ -159,6 +174,7 @@ class TeacherRunner:
             keys += [f"at.{i}"] if "at" in self.targets else []
             keys += [f"pooled.{i}"] if self._need_pooled else []
             keys += [f"dct.{v}.{i}" for v in self.dct_variants]
+            keys += [f"attn.{i}"] if "attn" in self.targets else []
         self.output_names: list[str] = keys
 
     def _session_run(self, x: np.ndarray) -> list[np.ndarray]:
@@ -194,17 +210,24 @@ class TeacherRunner:
         if "logits" in self.targets:
             out["logits"] = np.asarray(vals[self.graph.logits_name], dtype=np.float32)
         maps: dict[int, np.ndarray] = {}
+        for key, name in self._attn.items():
+            out[key] = np.asarray(vals[name], dtype=np.float32)
         if self.reduce == "graph":  # every target, DCT included, comes out of the graph
             for key, name in self._reduced.items():
                 out[key] = np.asarray(vals[name], dtype=np.float32)
-            return out
+            if self.token_clip is None:
+                return out
+            maps = {i: out.pop(f"at.{i}") for i in range(len(self.taps)) if f"at.{i}" in out}
         if self._raw:
-            for i, tap in enumerate(self.taps):
+            for i, tap in enumerate(self._grid_taps):
                 at, pooled = ops.tap_targets(vals[tap.name], channel_axis=tap.channel_axis)
                 if self._need_at:
                     maps[i] = at
                 if self._need_pooled:
                     out[f"pooled.{i}"] = pooled
+        if self.token_clip is not None:  # outlier tokens: clip the token taps' maps (teacher/outliers.py)
+            maps = {i: clip_maps(m, self.token_clip) if self.taps[i].layout == "NLC" else m
+                    for i, m in maps.items()}  # fmt: skip
         for i, m in maps.items():
             for v in self.dct_variants:
                 out[f"dct.{v}.{i}"] = ops.dct_targets(m, v)

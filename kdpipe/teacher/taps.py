@@ -15,6 +15,11 @@ is the stage output there. Resolutions without a residual Add (stems, heads) are
 with no residual Add at all (a plain CNN) falls back to the last activation-like output
 (Relu/Clip/.../Add/Conv/BatchNormalization) at each resolution larger than 1x1. Taps are ordered by
 depth: resolution from high to low, ties by graph order.
+
+Transformers (:mod:`kdpipe.teacher.vit_taps`): token tensors (B, T, C) tracked back to a patch grid
+are candidates too, with layout "NLC" and shape (C, h, w) of the grid; ``auto`` appends every
+transformer block's output (in block order) to the CNN stage outputs (a hybrid's conv stem), and the
+plain-CNN fallback is not used when blocks exist. ``blocks`` / ``blocks:I,J`` pick blocks by number.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ import onnx
 from kdpipe.errors import KdpipeError
 from kdpipe.teacher.graph import TeacherGraph
 from kdpipe.teacher.modules import module_outputs, tensor_modules
+from kdpipe.teacher.vit_taps import blocks as find_blocks
+from kdpipe.teacher.vit_taps import group_items, parse_blocks, token_tensors
 
 NCHW_OPS = frozenset(
     {
@@ -75,7 +82,10 @@ FLOAT_TYPES = frozenset(
 
 @dataclass(frozen=True)
 class TapInfo:
-    """One tappable activation. ``shape`` is (C, H, W) whatever the layout; ``channel_axis`` 1 or 3."""
+    """One tappable activation. ``shape`` is (C, H, W) whatever the layout; ``channel_axis`` 1 or 3
+    (2 for "NLC" token tensors (B, T, C): then (H, W) is the patch grid, ``tokens`` is T, the patch
+    tokens are ``token_start .. token_start + H*W - 1``, ``block`` the 1-based transformer block of a
+    block output (0 otherwise) and ``softmax`` that block's attention Softmax, if found)."""
 
     name: str
     shape: tuple[int, int, int]
@@ -84,6 +94,10 @@ class TapInfo:
     op_type: str
     module_path: str | None
     auto: bool = False
+    tokens: int = 0
+    token_start: int = 0
+    block: int = 0
+    softmax: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest record of this tap."""
@@ -157,11 +171,15 @@ def _chw(shape: tuple[int | None, ...], layout: str) -> tuple[int, int, int] | N
 def _all_candidates(graph: TeacherGraph) -> list[TapInfo]:
     lay = layouts(graph)
     mods = tensor_modules(graph.model)
+    tokens = token_candidates(graph, mods)
     found: list[TapInfo] = []
     for node in graph.model.graph.node:
         if node.op_type in ("Constant", "ConstantOfShape", "Shape"):
             continue
         for t in node.output:
+            if t in tokens:
+                found.append(tokens[t])
+                continue
             layout = lay.get(t)
             shape = graph.shapes.get(t)
             if not t or layout is None or shape is None or graph.elem_types.get(t) not in FLOAT_TYPES:
@@ -182,7 +200,29 @@ def _all_candidates(graph: TeacherGraph) -> list[TapInfo]:
     return found
 
 
+def token_candidates(graph: TeacherGraph, mods: dict[str, str]) -> dict[str, TapInfo]:
+    """The tracked token tensors (B, T, C) as "NLC" taps of shape (C, h, w), by name
+    (:mod:`kdpipe.teacher.vit_taps`); block outputs carry their block number and Softmax."""
+    tokens = token_tensors(graph)
+    numbered = {b.output: b for b in find_blocks(graph, tokens)}
+    out: dict[str, TapInfo] = {}
+    for node in graph.model.graph.node:
+        for t in node.output:
+            tok = tokens.get(t)
+            if tok is None or tok.channels < 2 or graph.elem_types.get(t) not in FLOAT_TYPES:
+                continue
+            blk = numbered.get(t)
+            out[t] = TapInfo(name=t, shape=(tok.channels, *tok.grid), layout="NLC", channel_axis=2,
+                             op_type=node.op_type, module_path=mods.get(t), tokens=tok.tokens,
+                             token_start=tok.start, block=blk.number if blk else 0,
+                             softmax=blk.softmax if blk else None)  # fmt: skip
+    return out
+
+
 def _auto_names(graph: TeacherGraph, cands: list[TapInfo]) -> list[str]:
+    """CNN stage outputs (module docstring), then every transformer block's output in order."""
+    blocks = [c.name for c in sorted((c for c in cands if c.block), key=lambda c: c.block)]
+    cands = [c for c in cands if c.layout != "NLC"]
     by_name = {c.name: c for c in cands}
     order = {c.name: i for i, c in enumerate(cands)}
     consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -209,11 +249,12 @@ def _auto_names(graph: TeacherGraph, cands: list[TapInfo]) -> list[str]:
                 break
             end = users[0].output[0]
         picks[by_name[tap].shape[1:]] = tap
-    if not picks:  # plain CNN: last activation-like output per resolution
+    if not picks and not blocks:  # plain CNN: last activation-like output per resolution
         for c in cands:
             if c.op_type in FALLBACK_OPS and c.shape[1] * c.shape[2] > 1:
                 picks[c.shape[1:]] = c.name
-    return sorted(picks.values(), key=lambda t: (-by_name[t].shape[1] * by_name[t].shape[2], order[t]))
+    stages = sorted(picks.values(), key=lambda t: (-by_name[t].shape[1] * by_name[t].shape[2], order[t]))
+    return stages + blocks
 
 
 def candidates(graph: TeacherGraph) -> list[TapInfo]:
@@ -238,7 +279,7 @@ def resolve_taps(graph: TeacherGraph, spec: str | list[str]) -> list[TapInfo]:
     KdpipeError listing the closest tensor names and module paths.
     """
     items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [s.strip() for s in spec]
-    items = [s for s in items if s]
+    items = group_items([s for s in items if s])
     if not items:
         raise KdpipeError("no taps given; use --taps auto, tensor names, module paths or re:PATTERN")
     cands = candidates(graph)
@@ -253,6 +294,9 @@ def resolve_taps(graph: TeacherGraph, spec: str | list[str]) -> list[TapInfo]:
                     f"--taps auto found no stage outputs in {graph.path!r}; "
                     "name the taps (see kdpipe inspect)"
                 )
+        elif item == "blocks" or item.startswith("blocks:"):
+            numbered = sorted((c for c in cands if c.block), key=lambda c: c.block)
+            found = [numbered[n - 1] for n in parse_blocks(item, len(numbered), repr(graph.path))]
         elif item.startswith("re:"):
             try:
                 pat = re.compile(item[3:])

@@ -23,7 +23,7 @@ class DistillConfig:
     online_teacher: str | None = None
     val_data: str | None = None
     student_taps: str | list[str] = "auto"
-    teacher_taps: str | list[str] = "auto"  # online teacher only
+    teacher_taps: str | list[str] = "auto"  # a cache: which cached taps pair (kdpipe.pairing); online: --taps
     teacher_card: str | None = None  # online teacher only: YAML card with its preprocessing
     views: int = 0  # online teacher only (a cache brings its own)
     augment: str = "auto"  # online teacher only

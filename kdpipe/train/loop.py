@@ -258,6 +258,8 @@ def setup(cfg: DistillConfig, world: WorldInfo, log: Log) -> Run:
     num_classes = teacher.num_classes or dataset.num_classes
     student = build_student(cfg, num_classes, norm.channels, teacher.policy.size, world.distributed)
     pairing = pair_taps(cfg, method, student, teacher)
+    if teacher.selected is not None:  # the plan reads the paired teacher taps only
+        plan = parse_run_method(cfg, teacher)[1]
     module = build_module(cfg, method, student, teacher, device, world.distributed, norm)
     params = [p for p in module.parameters() if p.requires_grad]
     model: nn.Module = module
@@ -276,7 +278,9 @@ def setup(cfg: DistillConfig, world: WorldInfo, log: Log) -> Run:
               loader=loader(source, sampler, workers, device.type == "cuda"), ckpts=ckpts,
               logs=RunLog(out, world.is_main, cfg.tensorboard),
               preprocess={"input_size": [teacher.policy.size] * 2, "normalize": norm.to_dict()})  # fmt: skip
-    resolved = restore(run, log) | {"num_classes": num_classes, "in_chans": norm.channels, "pairing": pairing}
+    resolved = restore(run, log) | {"num_classes": num_classes, "in_chans": norm.channels, "pairing": pairing,
+                                    "paired_student_taps": student.taps.names,
+                                    "paired_teacher_taps": teacher.selected}  # fmt: skip
     if world.is_main:
         (out / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
         for line in describe_taps(cfg.student, method, student, teacher, pairing):

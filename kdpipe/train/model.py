@@ -23,10 +23,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def target_names_for(kinds: set[str], num_taps: int, dct_variant: str) -> list[str]:
-    """Cache array names a method reads, e.g. {"at", "logits"} -> ["logits", "at.0", "at.1", ...]."""
+def target_names_for(
+    kinds: set[str], num_taps: int, dct_variant: str, taps: list[int] | None = None
+) -> list[str]:
+    """Cache array names a method reads, e.g. {"at", "logits"} -> ["logits", "at.0", "at.1", ...]
+    (for the source's taps ``taps`` when given, else the first ``num_taps``)."""
     names = ["logits"] if "logits" in kinds else []
-    for i in range(num_taps):
+    for i in range(num_taps) if taps is None else taps:
         names += [f"at.{i}"] if "at" in kinds else []
         names += [f"dct.{dct_variant}.{i}"] if "dct" in kinds else []
         names += [f"pooled.{i}"] if "pooled" in kinds else []
@@ -111,8 +114,22 @@ def build_student(cfg: DistillConfig, num_classes: int, in_chans: int, size: int
 def pair_taps(
     cfg: DistillConfig, method: Any, student: Student, teacher: TeacherSource
 ) -> list[tuple[int, int]]:
-    """(student tap, teacher tap) pairs: one to one for AT/DCT, all to all for AFD, none otherwise."""
+    """(student tap, teacher tap) pairs: one to one for AT/DCT, all to all for AFD, none otherwise.
+
+    ``--teacher-taps`` picks among a cache's taps first. When the counts differ and the teacher or the
+    student is a transformer, the side with more taps keeps as many as the other has, evenly spaced
+    and ending at its last (:mod:`kdpipe.pairing`); both sides are narrowed to the pairs.
+    """
+    from kdpipe.pairing import pair_indices, select_cached
+
+    if teacher.cache is not None and cfg.teacher_taps != "auto":
+        teacher.select(select_cached(teacher.taps, cfg.teacher_taps, teacher.where))
     one_to_one = bool({"at", "dct"} & set(method.terms))
+    transformer = teacher.transformer or bool(getattr(student.model, "kd_transformer", False))
+    if one_to_one and len(student.chans) != len(teacher.chans) and transformer:
+        s_idx, t_idx = pair_indices(len(student.chans), len(teacher.chans))
+        teacher.select(t_idx)
+        narrow_student(student, s_idx)
     if one_to_one and len(student.chans) != len(teacher.chans):
         raise KdpipeError(
             f"method {cfg.method!r} pairs student and teacher taps one to one, but the student has "
@@ -126,6 +143,19 @@ def pair_taps(
     return []
 
 
+def narrow_student(student: Student, keep: list[int]) -> None:
+    """Hook only the student taps ``keep`` (indices into the current taps)."""
+    from kdpipe.student import StudentTaps
+
+    if keep == list(range(len(student.chans))):
+        return
+    names = [student.taps.names[i] for i in keep]
+    student.taps.remove()
+    student.taps = StudentTaps(student.model, names)
+    student.chans = [student.chans[i] for i in keep]
+    student.hw = [student.hw[i] for i in keep]
+
+
 def describe_taps(
     name: str, method: Any, student: Student, teacher: TeacherSource, pairing: list[tuple[int, int]]
 ) -> list[str]:
@@ -137,9 +167,17 @@ def describe_taps(
         lines.append(f"  AFD: each of {len(teacher.chans)} teacher tap(s) attends over all "
                      f"{len(student.chans)} student tap(s)")  # fmt: skip
     else:
-        lines += [f"  pair student {student.taps.names[s]} {student.hw[s]} <- teacher tap {t} {teacher.hw[t]}"
+        lines += [f"  pair student {student.taps.names[s]} {student.hw[s]} <- {teacher_tap(teacher, t)}"
                   for s, t in pairing]  # fmt: skip
     return lines
+
+
+def teacher_tap(teacher: TeacherSource, t: int) -> str:
+    """How a run names teacher tap ``t``: cached index, block number (transformers), grid."""
+    i = teacher.selected[t] if teacher.selected is not None else t
+    info = teacher.taps[t] if t < len(teacher.taps) else {}
+    block = f" (block {info['block']})" if info.get("block") else ""
+    return f"teacher tap {i}{block} {tuple(teacher.hw[t])}"
 
 
 def build_module(

@@ -4,7 +4,7 @@ teacher (the baseline the cache replaces). Both sit behind one interface, :class
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,6 +37,22 @@ class TeacherSource:
     cache: Any = None
     where: str = ""  # the cache path, for messages
     grad_form: Any = None  # GradForm of the teacher's J_T (grad-at)
+    taps: list[dict[str, Any]] = field(default_factory=list)  # name, layout, block of each tap (manifest)
+    selected: list[int] | None = None  # the source's taps paired with the student (select); None = all
+
+    @property
+    def transformer(self) -> bool:
+        """Whether the teacher taps are transformer token tensors (NLC), which pair by even spacing."""
+        return any(t.get("layout") == "NLC" for t in self.taps)
+
+    def select(self, indices: list[int]) -> None:
+        """Keep only taps ``indices`` (of the current ones) for pairing; their arrays are read under
+        their cached names and renamed 0, 1, ... (``TargetPlan.rename``)."""
+        base = self.selected if self.selected is not None else list(range(len(self.chans)))
+        self.selected = [base[i] for i in indices]
+        self.chans = [self.chans[i] for i in indices]
+        self.hw = [self.hw[i] for i in indices]
+        self.taps = [self.taps[i] for i in indices] if self.taps else []
 
     @property
     def needs_uint8(self) -> bool:
@@ -45,9 +61,11 @@ class TeacherSource:
 
     def plan(self, required: set[str], variant: str) -> TargetPlan:
         """The arrays a method needing target kinds ``required`` reads (and what it derives)."""
+        from kdpipe.targets import tap_rename
         from kdpipe.train.model import target_names_for
 
-        return TargetPlan(target_names_for(required, len(self.chans), variant))
+        read = target_names_for(required, len(self.chans), variant, self.selected)
+        return TargetPlan(read, rename=tap_rename(read, self.selected) if self.selected else {})
 
     def derives_dct(self) -> bool:
         """Whether any DCT variant can be derived from the source's at maps."""
@@ -112,11 +130,12 @@ class CachedTeacher(TeacherSource):
             cache=cache,
             where=where,
             grad_form=parse_form((m["targets"].get("grad") or {}).get("form") or "full"),
+            taps=[dict(t) for t in m["taps"]],
         )
 
     def plan(self, required: set[str], variant: str) -> TargetPlan:
         available = set(self.cache.manifest["arrays"])
-        return plan_targets(required, len(self.chans), variant, available, self.num_classes)
+        return plan_targets(required, len(self.chans), variant, available, self.num_classes, self.selected)
 
     def derives_dct(self) -> bool:
         return any(a.startswith("at.") for a in self.cache.manifest["arrays"])
@@ -178,6 +197,10 @@ class OnlineTeacher(TeacherSource):
             num_classes=graph.num_classes,
             dct_variants=variants,
             grad_form=parse_form(cfg.grad_form, spec.size[0]),
+            taps=[
+                {"name": t.name, "layout": t.layout, "block": t.block, "module_path": t.module_path}
+                for t in taps
+            ],  # fmt: skip
         )
         source.spec, source.graph, source.taps = spec, graph, taps
         source.runner = TeacherRunner(graph, taps, spec, targets={"logits", "at", "dct", "pooled"},

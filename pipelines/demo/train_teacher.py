@@ -5,6 +5,12 @@ card (teacher-DATA.yaml: the preprocessing). Commands that made the committed fi
 
     python pipelines/demo/train_teacher.py --data animals --model resnet20 --epochs 20 --out pipelines/demo
     python pipelines/demo/train_teacher.py --data digits --model resnet20 --epochs 30 --out pipelines/demo
+
+The transformer teacher (issue 15; docs/results.md):
+
+    python pipelines/demo/train_teacher.py --data animals --model vit_tiny --model-arg patch_size=4 \
+        --model-arg img_size=28 --model-arg dim=64 --model-arg depth=6 --model-arg heads=4 \
+        --optimizer adamw --lr 1e-3 --weight-decay 0.05 --epochs 20 --name teacher-vit-animals --out /tmp/vit
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -36,7 +43,13 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="pipelines/demo")
+    ap.add_argument("--name", default=None, help="file stem (default teacher-DATA)")
+    ap.add_argument("--model-arg", action="append", default=[], help="KEY=VALUE for the zoo factory")
+    ap.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
+    ap.add_argument("--weight-decay", type=float, default=5e-4)
     args = ap.parse_args()
+    kwargs = {k: _number(v) for k, _, v in (a.partition("=") for a in args.model_arg)}
+    name = args.name or f"teacher-{args.data}"
     torch.manual_seed(args.seed)
     train, val = load_dataset(args.data), load_dataset(f"{args.data}:val")
     side = int(train.sizes()[0][0])
@@ -44,8 +57,14 @@ def main() -> None:
     # digits are not mirror-symmetric: no flips there
     policy = ViewPolicy(kind="pad-crop", size=side, pad=2, flip=args.data != "digits")
     plain = ViewPolicy(kind="none", size=side, flip=False)
-    model = create_model(args.model, num_classes=train.num_classes, in_chans=1)
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    model = create_model(args.model, num_classes=train.num_classes, in_chans=1, **kwargs)
+    if args.optimizer == "adamw":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(
+            model.parameters(), lr=args.lr, weight_decay=args.weight_decay
+        )
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
+                              weight_decay=args.weight_decay)  # fmt: skip
     n, bs = len(train), args.batch_size
     steps = args.epochs * (n // bs)
     step = 0
@@ -80,7 +99,7 @@ def main() -> None:
         dt = time.perf_counter() - t0
         print(f"epoch {epoch + 1}: loss {loss.item():.3f} val top-1 {acc:.2f}% ({dt:.0f} s)")
     out = Path(args.out)
-    path = out / f"teacher-{args.data}.onnx"
+    path = out / f"{name}.onnx"
     torch.onnx.export(
         model,
         (torch.zeros(2, 1, side, side),),
@@ -93,24 +112,35 @@ def main() -> None:
         verbose=False,
     )
     card = f"input_size: {side}\nscale: 1/255\nmean: [{MEAN[0]}]\nstd: [{STD[0]}]\n"
-    (out / f"teacher-{args.data}.yaml").write_text(card)
-    (out / f"teacher-{args.data}.json").write_text(
+    (out / f"{name}.yaml").write_text(card)
+    (out / f"{name}.json").write_text(
         json.dumps(
             {
                 "data": args.data,
                 "model": args.model,
+                "model_args": kwargs,
+                "optimizer": args.optimizer,
+                "lr": args.lr,
+                "weight_decay": args.weight_decay,
                 "epochs": args.epochs,
                 "seed": args.seed,
                 "val_top1_torch": float(acc),
-                "command": (
-                    f"python pipelines/demo/train_teacher.py --data {args.data} --model {args.model} "
-                    f"--epochs {args.epochs} --out {args.out}"
-                ),
+                "command": " ".join(["python", *sys.argv]),
             },
             indent=2,
         )
     )
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB), val top-1 {acc:.2f}%")
+
+
+def _number(text: str) -> int | float | str:
+    """ "4" -> 4, "0.5" -> 0.5, anything else as given."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 if __name__ == "__main__":

@@ -1,0 +1,247 @@
+"""Transformer teachers: tap discovery on ViT graphs from both torch exporters, and cached targets on the
+patch grid against float64 references computed from the PyTorch token activations (``tests/_vit.py``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import _models as M
+import _vit as V
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx import helper
+
+from kdpipe.cli import cli
+from kdpipe.errors import KdpipeError
+from kdpipe.teacher import TeacherRunner, auto_taps, load_teacher, resolve_taps
+
+EXPORTERS = ("legacy", "dynamo")
+GRID = (V.GRID, V.GRID)
+SHARD = Path("shards") / "00000-of-00001"
+# (extra tokens, registers, patchify) -> index of the first patch token
+VARIANTS = {(1, 0, "conv"): 1, (2, 0, "conv"): 2, (0, 0, "conv"): 0, (1, 2, "conv"): 3, (1, 0, "reshape"): 1}
+# every variant from the legacy exporter, two from dynamo (3-4 s per dynamo export)
+DISCOVERY = [("legacy", v) for v in VARIANTS] + [("dynamo", v) for v in list(VARIANTS)[:2]]
+
+
+def _nchw(x: np.ndarray) -> np.ndarray:
+    """uint8 NHWC images -> the teacher's float32 NCHW input (x / 255, kdpipe's default preprocessing)."""
+    return np.ascontiguousarray((x.astype(np.float64) / 255.0).astype(np.float32).transpose(0, 3, 1, 2))
+
+
+def _outputs(path: str, names: list[str], x: np.ndarray) -> list[np.ndarray]:
+    """Tensors ``names`` of the ONNX file on input x (plain onnxruntime, independent of kdpipe)."""
+    m = onnx.load(path)
+    for n in names:
+        m.graph.output.append(helper.make_empty_tensor_value_info(n))
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(names, {"image": x})
+
+
+@pytest.mark.parametrize(
+    ("exporter", "variant"), DISCOVERY, ids=[f"{e}-{v[0]}-{v[1]}-{v[2]}" for e, v in DISCOVERY]
+)
+def test_auto_picks_every_block_output(exporter, variant):
+    path = V.export(exporter, *variant)
+    graph = load_teacher(path)
+    taps = auto_taps(graph)
+    start = VARIANTS[variant]
+    assert [t.block for t in taps] == list(range(1, V.DEPTH + 1))
+    for t in taps:
+        assert (t.layout, t.channel_axis, t.shape, t.token_start, t.op_type) == ("NLC", 2, (V.DIM, *GRID),
+                                                                                start, "Add")  # fmt: skip
+        assert t.tokens == V.GRID**2 + variant[0] + variant[1] and t.softmax
+    x = _nchw(V.images(3, seed=1))
+    _, ref, soft = V.tokens_and_softmax(x, *variant)
+    got = _outputs(path, [t.name for t in taps] + [t.softmax for t in taps], x)  # type: ignore[misc]
+    for r, g in zip(ref + soft, got, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+    assert [c.name for c in graph.taps_candidates() if c.auto] == [t.name for t in taps]
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_blocks_spec_and_module_paths(exporter):
+    graph = load_teacher(V.export(exporter))
+    auto = auto_taps(graph)
+    assert [t.name for t in resolve_taps(graph, "blocks:2,4,6")] == [auto[i].name for i in (1, 3, 5)]
+    assert [t.name for t in resolve_taps(graph, ["blocks:2", "4", "-1"])] == [auto[i].name for i in (1, 3, 5)]
+    assert [t.name for t in resolve_taps(graph, "blocks")] == [t.name for t in auto]
+    assert [t.name for t in resolve_taps(graph, "blocks.2,blocks.3")] == [auto[2].name, auto[3].name]
+    for bad, words in (("blocks:7", "has 6 blocks"), ("blocks:0", "numbered 1..6"), ("blocks:x", "1..6")):
+        with pytest.raises(KdpipeError, match=words) as e:
+            resolve_taps(graph, bad)
+        assert "\n" not in str(e.value)
+    with pytest.raises(KdpipeError, match="no transformer blocks"):
+        resolve_taps(load_teacher(M.export("resnet", "legacy", True)), "blocks:1")
+
+
+def test_inspect_shows_tokens_and_blocks():
+    r = CliRunner().invoke(cli, ["inspect", V.export("dynamo", 2)])
+    assert r.exit_code == 0, r.output
+    assert "transformer: 6 blocks" in r.stdout and "66 tokens" in r.stdout and "8x8" in r.stdout
+    auto = r.stdout.split("auto taps, by depth:\n", 1)[1].splitlines()
+    assert sum(" NLC " in line and "block" in line for line in auto) == V.DEPTH
+
+
+def _references(toks: list[np.ndarray], soft: list[np.ndarray], start: int, logits: np.ndarray) -> dict:
+    """Every cache array of the plain view, float64, from the torch block outputs and softmaxes."""
+    n = len(logits)
+    out = {"logits": logits.astype(np.float64).reshape(n, 1, -1)}
+    for i, (t, s) in enumerate(zip(toks, soft, strict=True)):
+        ref = V.reference_targets(t, start, GRID)
+        grid = t[:, start : start + V.GRID**2].reshape(n, *GRID, V.DIM)
+        dct = M.reference_targets(grid, axis=3)  # the DCT variants of the same map (numpy / scipy FFTs)
+        maps = {"at": ref["at"], "pooled": ref["pooled"], "attn": V.reference_attn(s, start, GRID)}
+        maps |= {k: v for k, v in dct.items() if k.startswith("dct.")}
+        out |= {f"{k}.{i}": v.reshape(n, 1, *v.shape[1:]) for k, v in maps.items()}
+    return out
+
+
+@pytest.mark.parametrize(
+    ("exporter", "variant", "reduce", "dtype"),
+    [
+        ("legacy", (1, 0, "conv"), "graph", "float32"),
+        ("legacy", (1, 2, "conv"), "native", "float16"),
+        ("dynamo", (1, 0, "conv"), "native", "float32"),
+        ("dynamo", (2, 0, "conv"), "graph", "float16"),
+    ],
+)
+def test_cached_targets_equal_float64_references(tmp_path, exporter, variant, reduce, dtype):
+    x = V.images(6, seed=2)
+    labels = np.arange(6) % V.CLASSES
+    np.savez(tmp_path / "data.npz", x=x, y=labels)
+    out = tmp_path / "cache"
+    args = ["cache-teacher", V.export(exporter, *variant), "--data", str(tmp_path / "data.npz")]
+    args += [
+        "--out",
+        str(out),
+        "--views",
+        "0",
+        "--reduce",
+        reduce,
+        "--dtype",
+        dtype,
+        "--vec-dtype",
+        "float32",
+    ]
+    args += ["--targets", "logits,at,dct,pooled,attn", "--dct-variant", ",".join(M.DCT_VARIANTS)]
+    args += ["--threads", "1", "--no-progress"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    start = VARIANTS[variant]
+    assert [(t["layout"], t["block"], t["token_start"]) for t in manifest["taps"]] == [
+        ("NLC", b, start) for b in range(1, V.DEPTH + 1)
+    ]
+    logits, toks, soft = V.tokens_and_softmax(_nchw(x), *variant)
+    expected = _references(toks, soft, start, logits)
+    assert sorted(a for a in manifest["arrays"] if a not in ("labels", "view_params")) == sorted(expected)
+    tol = dict(rtol=1e-3, atol=2e-4) if dtype == "float16" else dict(rtol=1e-5, atol=2e-5)
+    for name, ref in expected.items():
+        got = np.load(out / SHARD / f"{name}.npy").astype(np.float64)
+        assert got.shape == ref.shape, name
+        t = tol if name.split(".")[0] in ("at", "dct", "attn") else dict(rtol=1e-5, atol=2e-5)
+        np.testing.assert_allclose(got, ref, err_msg=name, **t)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("reduce", ["graph", "native"])
+def test_the_token_tensor_never_leaves_onnxruntime(reduce):
+    graph = load_teacher(V.export("legacy"))
+    taps = auto_taps(graph)
+    runner = TeacherRunner(graph, taps, None, {"logits", "at", "pooled", "attn"}, provider="cpu",
+                           threads=1, reduce=reduce)  # fmt: skip
+    outs = {o.name for o in runner.session.get_outputs()}
+    assert not outs & {t.name for t in taps} and not outs & {t.softmax for t in taps}
+    got = runner.run(_nchw(V.images(2)))
+    assert {got[f"at.{i}"].shape for i in range(V.DEPTH)} == {(2, *GRID)}
+    assert {got[f"attn.{i}"].shape for i in range(V.DEPTH)} == {(2, *GRID)}
+    assert {got[f"pooled.{i}"].shape for i in range(V.DEPTH)} == {(2, V.DIM)}
+
+
+def test_attn_needs_a_transformer_block_with_a_class_token(tmp_path):
+    np.savez(tmp_path / "d.npz", x=V.images(2), y=np.zeros(2, np.int64))
+    cnn = M.export("resnet", "legacy", True)
+    np.savez(tmp_path / "c.npz", x=np.zeros((2, M.SIZE, M.SIZE, 3), np.uint8), y=np.zeros(2, np.int64))
+    for teacher, data, words in (
+        (cnn, "c.npz", "is not a transformer block output"),
+        (V.export("legacy", 0), "d.npz", "has no class token"),
+    ):
+        args = ["cache-teacher", teacher, "--data", str(tmp_path / data), "--out", str(tmp_path / "o"),
+                "--targets", "logits,attn", "--no-progress"]  # fmt: skip
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code == 2, r.output
+        assert words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def _clipped(at: np.ndarray, q: float) -> np.ndarray:
+    """float64 reference of --token-clip: each map clipped at its ceil(q*N)-th smallest cell, then l2n."""
+    flat = at.reshape(len(at), -1)
+    thr = np.sort(flat, axis=1)[:, int(np.ceil(q * flat.shape[1])) - 1]
+    c = np.minimum(flat, thr[:, None])
+    return (c / np.linalg.norm(c, axis=1, keepdims=True)).reshape(at.shape)
+
+
+@pytest.mark.parametrize("reduce", ["graph", "native"])
+def test_token_clip_clips_the_maps_and_their_dct(tmp_path, reduce):
+    x = V.images(4, seed=5)
+    np.savez(tmp_path / "data.npz", x=x, y=np.zeros(4, np.int64))
+    out = tmp_path / "cache"
+    args = ["cache-teacher", V.export("legacy"), "--data", str(tmp_path / "data.npz"), "--out", str(out)]
+    args += [
+        "--views",
+        "0",
+        "--reduce",
+        reduce,
+        "--dtype",
+        "float32",
+        "--targets",
+        "at,dct",
+        "--threads",
+        "1",
+    ]
+    r = CliRunner().invoke(cli, [*args, "--token-clip", "0.75", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "manifest.json").read_text())["targets"]["at"]["token_clip"] == 0.75
+    _, toks, _ = V.tokens_and_softmax(_nchw(x))
+    for i, t in enumerate(toks):
+        at = _clipped(V.reference_targets(t, 1, GRID)["at"], 0.75)
+        got = np.load(out / SHARD / f"at.{i}.npy")[:, 0]
+        np.testing.assert_allclose(got, at, rtol=1e-5, atol=1e-6)
+        assert (got == got.max(axis=(1, 2), keepdims=True)).sum() >= 16  # the top quarter is flat
+        ref = M.reference_targets(np.sqrt(at)[..., None], axis=3)["dct.dft-abs"]  # the DCT of the clipped map
+        np.testing.assert_allclose(
+            np.load(out / SHARD / f"dct.dft-abs.{i}.npy")[:, 0], ref, rtol=1e-4, atol=1e-5
+        )
+    bad = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "bad"), "--token-clip", "1.5"])
+    assert bad.exit_code == 2 and "between 0 and 1" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+def test_cache_verify_live_on_a_clipped_vit_cache(tmp_path):
+    np.savez(tmp_path / "data.npz", x=V.images(6, seed=7), y=np.arange(6) % V.CLASSES)
+    out = tmp_path / "cache"
+    args = ["cache-teacher", V.export("legacy"), "--data", str(tmp_path / "data.npz"), "--out", str(out)]
+    args += ["--views", "2", "--targets", "logits,at,dct,pooled,attn", "--token-clip", "0.9", "--no-progress"]
+    assert CliRunner().invoke(cli, [*args, "--threads", "1"]).exit_code == 0
+    r = CliRunner().invoke(cli, ["cache", "verify", str(out), "--live", "5"])
+    assert r.exit_code == 0, r.output
+    assert "attn" in r.output and "at" in r.output
+
+
+@pytest.mark.parametrize("exporter", ["legacy"])  # the dynamo graph of the same blocks: tests above
+def test_a_hybrid_teacher_gives_its_conv_stage_then_its_blocks(exporter):
+    graph = load_teacher(V.export(exporter, 1, 0, "hybrid"))
+    taps = auto_taps(graph)
+    assert [(t.layout, t.shape, t.block) for t in taps] == [("NCHW", (8, 32, 32), 0)] + [
+        ("NLC", (V.DIM, *GRID), b) for b in range(1, V.DEPTH + 1)
+    ]
+    x = _nchw(V.images(2, seed=4))
+    _, ref, _ = V.tokens_and_softmax(x, 1, 0, "hybrid")
+    got = _outputs(V.export(exporter, 1, 0, "hybrid"), [t.name for t in taps[1:]], x)
+    for r, g in zip(ref, got, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
