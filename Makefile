@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml CMakeLists.txt constraints.txt $(NATIVE)
 
 # Fast rebuild of the native module after editing csrc/ (reuses build/).
 build:
+	$(PIP) install -q -c constraints.txt "scikit-build-core>=0.10" "pybind11>=2.12"
 	$(PIP) install -q -c constraints.txt --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
