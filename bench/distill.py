@@ -15,24 +15,20 @@ Usage: ``python bench/distill.py [--quick] [--images 2048] [--epochs 3] [--round
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
+import importlib.util
 import json
 import os
 import platform
 import statistics
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import torch
 
 from kdpipe.cache_teacher import CacheJob, cache_teacher
-from kdpipe.student import create_model
 from kdpipe.train import DistillConfig, distill
 
 RESULTS = Path(__file__).resolve().parent / "results" / "distill.json"
@@ -50,25 +46,11 @@ RUNS = (
 
 def export_teacher(name: str, path: Path) -> None:
     """A zoo model with random weights (and non-trivial BN statistics) as a self-contained ONNX file."""
-    torch.manual_seed(0)
-    m = create_model(name, num_classes=CLASSES, in_chans=3).eval()
-    for mod in m.modules():
-        if isinstance(mod, torch.nn.BatchNorm2d):
-            mod.running_var.uniform_(0.5, 1.5)
-    sink = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            m,
-            (torch.zeros(2, 3, 32, 32),),
-            str(path),
-            dynamo=False,
-            input_names=["image"],
-            output_names=["logits"],
-            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=17,
-        )
-    onnx.checker.check_model(str(path))
+    spec = importlib.util.spec_from_file_location("bench_util", Path(__file__).with_name("_util.py"))
+    assert spec is not None and spec.loader is not None
+    util = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(util)
+    util.export_zoo(name, path, num_classes=CLASSES, side=32)
 
 
 def make_data(path: Path, n: int) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import platform
 import statistics
@@ -33,6 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _util import sibling
 
 import kdpipe.cache as kc
 from kdpipe.batches import EpochKeys
@@ -41,14 +41,6 @@ from kdpipe.train.order import ReadAhead, epoch_keys, parse_order, read_ahead_pl
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gather_order.json"
 MODES = ("random", "chunked", "chunked_no_ahead")
-
-
-def _verify_module():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("bench_verify", Path(__file__).with_name("verify.py"))
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def run_mode(root: Path, mode: str, batches: int, batch: int, epoch: int) -> float:
@@ -73,7 +65,7 @@ def run_mode(root: Path, mode: str, batches: int, batch: int, epoch: int) -> flo
 
 
 def child(root: Path, batches: int, batch: int, rounds: int) -> dict:
-    verify = _verify_module()
+    verify = sibling("verify")
     out: dict = {}
     c = kc.open(root)
     out.update(samples=len(c), views=c.num_views, chunk=c.layout.chunk_size)
@@ -103,7 +95,7 @@ def main() -> None:
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args()
-    verify = _verify_module()
+    verify = sibling("verify")
     if a.child:
         cg = verify.in_cgroup(int(a.mem_gib * 2**30))
         res = child(Path(a.child), a.batches, a.batch, a.rounds)

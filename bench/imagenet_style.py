@@ -26,15 +26,12 @@ Writes bench/results/imagenet_style.json.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
 import platform
 import statistics
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -67,25 +64,9 @@ def make_photos(folder: Path, n: int, classes: int = 8, seed: int = 0) -> None:
 
 def export_teacher(path: Path) -> None:
     """The zoo's ResNet-34, 1000 classes, 224 px, random weights, as a self-contained ONNX file."""
-    import onnx
-    import torch
+    from _util import export_zoo
 
-    from kdpipe.student import create_model
-
-    torch.manual_seed(0)
-    m = create_model("resnet34", num_classes=1000, in_chans=3).eval()
-    for mod in m.modules():
-        if isinstance(mod, torch.nn.BatchNorm2d):
-            mod.running_var.uniform_(0.5, 1.5)
-    sink = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            m, (torch.zeros(1, 3, 224, 224),), str(path), dynamo=False, input_names=["image"],
-            output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=17,
-        )  # fmt: skip
-    onnx.checker.check_model(str(path))
+    export_zoo("resnet34", path, num_classes=1000, side=224)
 
 
 def cache_job(work: Path, out: Path, args: argparse.Namespace) -> Any:

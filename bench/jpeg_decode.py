@@ -22,7 +22,6 @@ optional: ``pip install simplejpeg "PyTurboJPEG<2"`` plus the system's libturboj
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import json
 import platform
@@ -33,17 +32,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from _util import sibling
 from PIL import Image
 
 RESULTS = Path(__file__).resolve().parent / "results" / "jpeg_decode.json"
-
-
-def _photos_module():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("bench_in", Path(__file__).with_name("imagenet_style.py"))
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def decoders() -> dict[str, Callable[[bytes], np.ndarray]]:
@@ -112,7 +104,7 @@ def main() -> None:
     a = ap.parse_args()
     res: dict = {"host": platform.node(), "images": a.images}
     with tempfile.TemporaryDirectory() as tmp:
-        _photos_module().make_photos(Path(tmp), a.images)
+        sibling("imagenet_style").make_photos(Path(tmp), a.images)
         files = sorted(Path(tmp).rglob("*.jpg"))
         blobs = [f.read_bytes() for f in files]
         decs = decoders()

@@ -287,6 +287,29 @@ def _chunks_in_order(writer: Any, pending: list[int]) -> Iterator[tuple[int, int
         yield c, start, stop
 
 
+def _check_job(job: CacheJob) -> None:
+    """One-line refusals of the job's own settings, before anything is loaded."""
+    unknown = set(job.targets) - set(ALL_TARGETS + TOKEN_TARGETS)
+    if unknown or not job.targets:
+        raise KdpipeError(
+            f"--targets {','.join(job.targets)}: choose from {','.join(ALL_TARGETS + TOKEN_TARGETS)}"
+        )
+    for v in job.dct_variants:
+        if v not in ops.DCT_VARIANTS:
+            raise KdpipeError(f"--dct-variant {v!r}: choose from {', '.join(ops.DCT_VARIANTS)}")
+    if job.views < 0:
+        raise KdpipeError(f"--views {job.views}: must be >= 0 (0 = the plain input)")
+
+
+def _say_skipped(dataset: Any, log: Any) -> None:
+    skipped = list(getattr(dataset, "skipped", []))
+    if skipped:
+        log(
+            f"--skip-bad: left out {len(skipped)} unreadable image(s) ({', '.join(skipped[:3])}"
+            f"{', ...' if len(skipped) > 3 else ''}); recorded in the manifest"
+        )
+
+
 def cache_teacher(job: CacheJob, log: Any = print) -> dict[str, Any]:
     """Run the job (resuming if the cache exists) and return a summary dict."""
     from kdpipe import cache as cache_mod
@@ -298,28 +321,14 @@ def cache_teacher(job: CacheJob, log: Any = print) -> dict[str, Any]:
     from kdpipe.teacher.vit_surgery import check_attention
 
     keep_freed_memory(one_arena=True)  # before the preparation and write threads start
-    unknown = set(job.targets) - set(ALL_TARGETS + TOKEN_TARGETS)
-    if unknown or not job.targets:
-        raise KdpipeError(
-            f"--targets {','.join(job.targets)}: choose from {','.join(ALL_TARGETS + TOKEN_TARGETS)}"
-        )
-    for v in job.dct_variants:
-        if v not in ops.DCT_VARIANTS:
-            raise KdpipeError(f"--dct-variant {v!r}: choose from {', '.join(ops.DCT_VARIANTS)}")
-    if job.views < 0:
-        raise KdpipeError(f"--views {job.views}: must be >= 0 (0 = the plain input)")
+    _check_job(job)
     graph = load_teacher(job.teacher)
     taps = resolve_taps(graph, job.taps) if {"at", "dct", "pooled", "attn"} & set(job.targets) else []
     if "attn" in job.targets:
         check_attention(taps)  # before anything is written
     check_clip(job.token_clip)
     dataset = load_dataset(job.data, skip_bad=job.skip_bad)
-    skipped = list(getattr(dataset, "skipped", []))
-    if skipped:
-        log(
-            f"--skip-bad: left out {len(skipped)} unreadable image(s) ({', '.join(skipped[:3])}"
-            f"{', ...' if len(skipped) > 3 else ''}); recorded in the manifest"
-        )
+    _say_skipped(dataset, log)
     spec = spec_for(graph, card=job.card, **job.spec_overrides)
     if graph.num_classes and dataset.num_classes > graph.num_classes:
         raise KdpipeError(
