@@ -98,10 +98,17 @@ def _explicit_pads(node: onnx.NodeProto, shapes: dict[str, tuple[int | None, ...
 
 def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Initializers and Constant-node outputs of ``model`` by tensor name."""
-    out = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+    def value(t: onnx.TensorProto) -> np.ndarray:
+        try:
+            return numpy_helper.to_array(t)
+        except (ValueError, TypeError) as e:
+            raise KdpipeError(f"teacher tensor {t.name!r} is malformed ({e}); re-export the model") from None
+
+    out = {t.name: value(t) for t in model.graph.initializer}
     for n in model.graph.node:
         if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            out[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+            out[n.output[0]] = value(n.attribute[0].t)
     return out
 
 

@@ -78,13 +78,30 @@ def _int_values(name: str, consts: dict[str, np.ndarray]) -> list[int] | None:
     return None if v is None else [int(x) for x in np.asarray(v).reshape(-1)]
 
 
+def _small_ints(t: onnx.TensorProto) -> np.ndarray | None:
+    """The values of a small integer tensor (a shape, axes, starts, ...); None for anything else, and
+    for a malformed one (onnxruntime names that when it loads the model)."""
+    if t.data_type not in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) or int(np.prod(t.dims)) > 64:
+        return None
+    try:
+        return numpy_helper.to_array(t)
+    except (ValueError, TypeError):
+        return None
+
+
 def _constants(graph: TeacherGraph) -> dict[str, np.ndarray]:
-    out = {i.name: numpy_helper.to_array(i) for i in graph.model.graph.initializer}
+    """Small integer constants by tensor name (initializers and Constant nodes): what token tracking
+    reads (reshape shapes, slice bounds); weights are never decoded."""
+    out: dict[str, np.ndarray] = {}
+    for i in graph.model.graph.initializer:
+        v = _small_ints(i)
+        if v is not None:
+            out[i.name] = v
     for node in graph.model.graph.node:
         if node.op_type == "Constant" and node.output:
             for a in node.attribute:
-                if a.name == "value":
-                    out[node.output[0]] = numpy_helper.to_array(a.t)
+                if a.name == "value" and (v := _small_ints(a.t)) is not None:
+                    out[node.output[0]] = v
     return out
 
 

@@ -169,7 +169,7 @@ class OnlineTeacher(TeacherSource):
     spec: Any = None
     gradients: Any = None  # TeacherGradients: J_T through the replica, built on the first grad-at batch
     graph: Any = None
-    taps: Any = None
+    tap_infos: Any = None  # the graph's TapInfo list (the replica checks every tap against onnxruntime)
 
     @property
     def needs_uint8(self) -> bool:
@@ -202,7 +202,7 @@ class OnlineTeacher(TeacherSource):
                 for t in taps
             ],  # fmt: skip
         )
-        source.spec, source.graph, source.taps = spec, graph, taps
+        source.spec, source.graph, source.tap_infos = spec, graph, taps
         source.runner = TeacherRunner(graph, taps, spec, targets={"logits", "at", "dct", "pooled"},
                                       provider="auto", threads=cfg.threads, reduce="graph",
                                       dct_variants=tuple(variants), spinning=False)  # fmt: skip
@@ -215,7 +215,7 @@ class OnlineTeacher(TeacherSource):
             if self.gradients is None:
                 from kdpipe.teacher.gradients import TeacherGradients
 
-                self.gradients = TeacherGradients(self.graph, self.taps, self.spec, self.grad_form)
+                self.gradients = TeacherGradients(self.graph, self.tap_infos, self.spec, self.grad_form)
             raw["grad"] = self.gradients(x, np.asarray(batch["y"], dtype=np.int64))
         return {k: torch.from_numpy(raw[k]) for k in names}
 
