@@ -220,9 +220,10 @@ def _fill(fs: Path, leave: int = 0) -> Path:
     """Fill ``fs`` up to ``leave`` free bytes with one file (removed to 'free some space')."""
     filler = fs / "filler"
     free = shutil.disk_usage(fs).free - leave
-    with open(filler, "wb") as f:
-        with contextlib.suppress(OSError):
-            f.write(b"\0" * max(free, 0))
+    # unbuffered: a buffered file would flush its unwritten tail at close() and raise ENOSPC there,
+    # outside the suppress, whenever the job under test took some of the space in between
+    with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
+        f.write(b"\0" * max(free, 0))
     return filler
 
 
