@@ -339,12 +339,12 @@ class Cache:
         if advice is None:
             return
         lay = self.layout
+        by_shard: dict[int, list[int]] = {}
+        for c in chunks:
+            by_shard.setdefault(lay.shard_of_chunk(c), []).append(c)
         for name in names:
             spec = lay.arrays[name]
             row = spec.row_bytes(lay.num_views)
-            by_shard: dict[int, list[int]] = {}
-            for c in chunks:
-                by_shard.setdefault(lay.shard_of_chunk(c), []).append(c)
             for i, cs in by_shard.items():
                 first = lay.shard_samples(i)[0]
                 head = len(fmt.npy_header(spec.np_dtype, lay.file_shape(name, i)))
@@ -529,7 +529,7 @@ def info(path: str | os.PathLike, project: tuple[int, int] | None = None) -> dic
         "bytes_on_disk": _disk_bytes(c.path),
         "bytes_per_view": round(fmt.bytes_per_view(lay.arrays, V), 1),
         "complete": c.complete,
-        **({"nonfinite": c.nonfinite()} if c.nonfinite() else {}),
+        **({"nonfinite": bad} if (bad := c.nonfinite()) else {}),
         "shards": {
             "count": lay.num_shards,
             "complete": sum(s.complete for s in c.shards),
