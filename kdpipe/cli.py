@@ -113,6 +113,17 @@ def _parse_kv(items: tuple[str, ...], what: str) -> dict[str, Any]:
     return out
 
 
+def _numbers(items: tuple[str, ...], what: str, example: str) -> dict[str, float]:
+    """``("at=1000",)`` -> {"at": 1000.0}; a value that is not a number is one clear line."""
+    out = {}
+    for k, v in _parse_kv(items, what).items():
+        try:
+            out[k] = float(v)
+        except (TypeError, ValueError):
+            raise KdpipeError(f"{what} {k}={v!r}: expected TERM=NUMBER, e.g. {what} {example}") from None
+    return out
+
+
 def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
     if text is None:
         return None
@@ -456,6 +467,18 @@ def cache_merge(src: str, dst: str) -> None:
 )
 @click.option("--weight", multiple=True, help="Override a loss weight, e.g. --weight at=1000 (repeatable).")
 @click.option(
+    "--at-tap-weights",
+    default=None,
+    help="AT: one factor per tap pair multiplying its term, e.g. 1,0.25,0.0625 (28/14/7 maps: every tap "
+    "the same largest term).",
+)
+@click.option(
+    "--term-warmup",
+    multiple=True,
+    help="TERM=EPOCHS: ramp a loss term's weight linearly from 0 over the first EPOCHS epochs, e.g. at=10 "
+    "(repeatable).",
+)
+@click.option(
     "--dct-variant", default=None, help="Which cached DCT variant to use (default: the cached one)."
 )
 @click.option("--teacher-correct-mask", is_flag=True, help="DCT: ignore samples the teacher gets wrong.")
@@ -549,7 +572,9 @@ def _distill_config(opts: dict[str, Any]) -> Any:
         raise KdpipeError(f"--milestones {o['milestones']!r}: expected epochs such as 60,120,160") from None
     o["cache"] = o.pop("cache_path")
     o["student_kwargs"] = _parse_kv(o.pop("student_arg"), "--student-arg")
-    o["weights"] = {k: float(v) for k, v in _parse_kv(o.pop("weight"), "--weight").items()}
+    o["weights"] = _numbers(o.pop("weight"), "--weight", "at=1000")
+    o["term_warmup"] = _numbers(o.pop("term_warmup"), "--term-warmup", "at=10")
+    o["at_tap_weights"] = list(_floats(o["at_tap_weights"], "--at-tap-weights") or ())
     o["student_taps"], o["teacher_taps"] = taps_arg(o["student_taps"]), taps_arg(o["teacher_taps"])
     for flag, name in (
         ("no_export", "export_onnx"),

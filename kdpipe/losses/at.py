@@ -15,16 +15,21 @@ def attention_map(feat: torch.Tensor, size: tuple[int, int] | None = None) -> to
     return l2n(a.reshape(a.shape[0], -1))
 
 
-def at_loss(student_feats: Sequence[torch.Tensor], teacher_maps: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Sum over tap pairs of ``mean_{b,hw} (at_S - at_T)**2``.
+def at_loss(
+    student_feats: Sequence[torch.Tensor],
+    teacher_maps: Sequence[torch.Tensor],
+    tap_weights: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """Sum over tap pairs of ``w_i * mean_{b,hw} (at_S - at_T)**2`` (``w_i`` = 1 unless given).
 
     student_feats: (B,C_i,H_i,W_i); teacher_maps: cached normalised maps (B,h_i,w_i) (used as given).
     The student's energy map is pooled to (h_i,w_i) before normalisation.
     """
+    weights = list(tap_weights) if tap_weights is not None else [1.0] * len(teacher_maps)
     total = torch.zeros((), device=teacher_maps[0].device)
-    for fs, vt in zip(student_feats, teacher_maps, strict=True):
+    for fs, vt, w in zip(student_feats, teacher_maps, weights, strict=True):
         size = (int(vt.shape[-2]), int(vt.shape[-1]))
         s = attention_map(fs, size)
         t = vt.reshape(vt.shape[0], -1).to(s.dtype).detach()
-        total = total + (s - t).pow(2).mean()
+        total = total + w * (s - t).pow(2).mean()
     return total

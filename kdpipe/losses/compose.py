@@ -17,6 +17,12 @@ Default weights (every one overridable through ``weights``):
 Rule behind the table (also for other combinations): at 1000, dct 1, afd 200, grad-at and flip
 GRAD_AT_WEIGHT; kd 1 with dct else 0.9; ce 0.1 when kd is present without afd, else 1. "ce" may be
 written explicitly ("ce+kd" == "kd").
+
+Two schedule-free remedies for a feature term that dominates early training (docs/results.md, issue
+16): ``at_tap_weights`` multiplies each tap pair's AT term (e.g. ``(1, 0.25, 0.0625)`` for 28/14/7
+maps gives every tap the same largest possible term, ``4 beta / (h_0 w_0)``), and ``warmup`` ramps a
+term's weight linearly from 0 to its value over the first ``warmup[term]`` epochs (the loop sets
+``Method.progress``, in epochs, before each step).
 """
 
 from __future__ import annotations
@@ -82,8 +88,13 @@ class Method(nn.Module):
         dct_variant: str = "dft-abs",
         dct_mask: bool = False,
         afd_dim: int = 128,
+        at_tap_weights: Sequence[float] = (),
+        warmup: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
+        self.at_tap_weights = [float(w) for w in at_tap_weights]  # empty: every tap 1
+        self.warmup = dict(warmup or {})  # term -> epochs of its linear ramp from 0
+        self.progress = 0.0  # epochs done (float), set by the training loop before each step
         self.terms = list(terms)
         self.weights = dict(weights)
         self.T, self.label_smoothing = T, label_smoothing
@@ -165,7 +176,13 @@ class Method(nn.Module):
             elif term == "at":
                 n = _count(teacher, "at.")
                 self._pairs("at", student_feats, n)
-                vals[term] = at_loss(student_feats, [teacher[f"at.{i}"] for i in range(n)])
+                if self.at_tap_weights and len(self.at_tap_weights) != n:
+                    raise KdpipeError(
+                        f"--at-tap-weights gives {len(self.at_tap_weights)} weight(s) for {n} AT tap "
+                        "pair(s); give one per pair"
+                    )
+                maps = [teacher[f"at.{i}"] for i in range(n)]
+                vals[term] = at_loss(student_feats, maps, self.at_tap_weights or None)
             elif term == "dct":
                 prefix = f"dct.{self.dct_variant}."
                 n = _count(teacher, prefix)
@@ -194,12 +211,18 @@ class Method(nn.Module):
             elif term in ("grad-at", "flip"):
                 vals[term] = self._grad_term(term, teacher, student_grad, flipped_grad)
         total = sum(
-            (self.weights[t] * v for t, v in vals.items() if self.weights[t] != 0),
+            (self.weight_now(t) * v for t, v in vals.items() if self.weights[t] != 0),
             torch.zeros((), device=logits.device),
         )
         out = {t: float(v.detach()) for t, v in vals.items()}
         out["total"] = float(total.detach())
         return total, out
+
+    def weight_now(self, term: str) -> float:
+        """The weight of ``term`` at ``self.progress`` epochs: ramped linearly over its warm-up."""
+        ramp = self.warmup.get(term, 0.0)
+        scale = min(1.0, self.progress / ramp) if ramp > 0 else 1.0
+        return self.weights[term] * scale
 
     def _grad_term(
         self,
@@ -227,7 +250,10 @@ class Method(nn.Module):
                 "dct": f"({self.dct_variant}{', mask' if self.dct_mask else ''})",
                 "grad-at": f"({self.grad_form.text})",
             }
-            parts.append(f"{self.weights[t]:g}*{t}{extra.get(t, '')}")
+            if t == "at" and self.at_tap_weights:
+                extra["at"] = "(taps x " + ",".join(f"{w:g}" for w in self.at_tap_weights) + ")"
+            ramp = f" (ramped over {self.warmup[t]:g} epochs)" if self.warmup.get(t) else ""
+            parts.append(f"{self.weights[t]:g}*{t}{extra.get(t, '')}{ramp}")
         return " + ".join(parts)
 
 
@@ -241,6 +267,8 @@ def parse_method(
     dct_mask: bool = False,
     afd_dim: int = 128,
     flip_symmetry: bool = False,
+    at_tap_weights: Sequence[float] = (),
+    warmup: Mapping[str, float] | None = None,
     **unknown: Any,
 ) -> Method:
     """Parse "kd", "at+kd", "dct+kd", ... into a Method with default weights, overridden by ``weights``.
@@ -270,4 +298,22 @@ def parse_method(
         raise KdpipeError(f"unknown DCT variant {dct_variant!r}; choose one of {', '.join(DCT_VARIANTS)}")
     if T <= 0:
         raise KdpipeError(f"KD temperature must be > 0, got {T}")
-    return Method(terms, final, T, label_smoothing, dct_variant, dct_mask, afd_dim)
+    _check_remedies(terms, at_tap_weights, warmup or {})
+    return Method(terms, final, T, label_smoothing, dct_variant, dct_mask, afd_dim, at_tap_weights, warmup)
+
+
+def _check_remedies(terms: Sequence[str], tap_weights: Sequence[float], warmup: Mapping[str, float]) -> None:
+    if tap_weights and "at" not in terms:
+        raise KdpipeError(
+            "--at-tap-weights applies to the at term; the method has none (e.g. --method at+kd)"
+        )
+    if any(not (float(w) >= 0) for w in tap_weights):
+        raise KdpipeError(f"--at-tap-weights must be >= 0, got {','.join(map(str, tap_weights))}")
+    bad = [t for t in warmup if t not in terms]
+    if bad:
+        raise KdpipeError(
+            f"--term-warmup names term(s) {', '.join(bad)} the method does not have ({'+'.join(terms)})"
+        )
+    neg = [t for t, e in warmup.items() if not (float(e) >= 0)]
+    if neg:
+        raise KdpipeError(f"--term-warmup {neg[0]}={warmup[neg[0]]}: epochs must be >= 0")

@@ -4,7 +4,9 @@ Post-activation BasicBlocks. Shortcut on a shape change: option "B" (1x1 conv + 
 RepDistiller whose CIFAR-100 benchmarks kdpipe compares against) or option "A" (parameter-free:
 stride-2 subsampling and zero-padded channels, He et al.'s CIFAR choice).
 Stem 3x3 conv (16 channels; 32 for the x4 models), stages 16/32/64 (x4: 64/128/256), global average
-pool, linear. ``kd_taps`` = the post-ReLU outputs of the three stages (``layer1..layer3``).
+pool, linear. ``kd_taps`` = the post-ReLU outputs of the three stages (``layer1..layer3``). Every
+block's pre-activation sum (before its last ReLU) is the output of its ``preact`` module (an
+``nn.Identity``, no parameters): ``--student-taps layer1.0.preact,...`` taps it.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ class ShortcutA(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """conv3x3-BN-ReLU-conv3x3-BN, + shortcut, ReLU. Output: post-ReLU (B, planes, H/stride, W/stride)."""
+    """conv3x3-BN-ReLU-conv3x3-BN, + shortcut, ReLU. Output: post-ReLU (B, planes, H/stride, W/stride);
+    ``preact`` outputs the sum before that ReLU."""
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "B") -> None:
         super().__init__()
@@ -46,12 +49,13 @@ class BasicBlock(nn.Module):
                 self.downsample = nn.Sequential(
                     nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
                 )
+        self.preact = nn.Identity()  # a tap point: the residual sum before the block's last ReLU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         identity = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + identity)
+        return F.relu(self.preact(out + identity))
 
 
 class CifarResNet(nn.Module):

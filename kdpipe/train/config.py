@@ -19,6 +19,8 @@ class DistillConfig:
     student_kwargs: dict[str, Any] = field(default_factory=dict)
     method: str = "kd"
     weights: dict[str, float] = field(default_factory=dict)
+    at_tap_weights: list[float] = field(default_factory=list)  # per AT tap pair; empty: all 1
+    term_warmup: dict[str, float] = field(default_factory=dict)  # term -> epochs of a linear ramp from 0
     cache: str | None = None
     online_teacher: str | None = None
     val_data: str | None = None

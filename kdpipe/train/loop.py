@@ -116,11 +116,12 @@ def distill(cfg: DistillConfig, log: Log = print) -> dict[str, Any]:
     return finish(run, log)
 
 
-def train_step(run: Run, batch: dict[str, Any], lr: float) -> dict[str, float]:
-    """One optimiser step on one batch; returns "loss" (the weighted total) and each unweighted term,
-    averaged over the processes."""
+def train_step(run: Run, batch: dict[str, Any], lr: float, progress: float = 0.0) -> dict[str, float]:
+    """One optimiser step on one batch at ``progress`` epochs; returns "loss" (the weighted total), each
+    unweighted term and "top1" (% of the batch the student got right), averaged over the processes."""
     cfg, device, optimizer, scaler = run.cfg, run.device, run.optimizer, run.precision.scaler
     set_lr(optimizer, lr)
+    run.module.method.progress = progress  # term warm-ups (--term-warmup)
     x = batch["x"].to(device, non_blocking=True)
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -128,7 +129,7 @@ def train_step(run: Run, batch: dict[str, Any], lr: float) -> dict[str, float]:
     gathered = run.teacher.targets(batch, run.plan.read)
     teacher = run.plan.complete({k: v.to(device, non_blocking=True) for k, v in gathered.items()})
     with run.precision.autocast(device):
-        loss, terms, _ = run.model(x, y, teacher)
+        loss, terms, logits = run.model(x, y, teacher)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if cfg.clip_grad > 0:
@@ -136,7 +137,9 @@ def train_step(run: Run, batch: dict[str, Any], lr: float) -> dict[str, float]:
         torch.nn.utils.clip_grad_norm_(run.params, cfg.clip_grad)
     scaler.step(optimizer)
     scaler.update()
-    return mean_over_ranks({"loss": float(loss.detach()), **{k: float(v) for k, v in terms.items()}}, device)
+    top1 = float((logits.detach().argmax(dim=1) == y).float().mean()) * 100.0
+    values = {"loss": float(loss.detach()), **{k: float(v) for k, v in terms.items()}, "top1": top1}
+    return mean_over_ranks(values, device)
 
 
 def train_epoch(run: Run, log: Log) -> None:
@@ -161,8 +164,8 @@ def train_epoch(run: Run, log: Log) -> None:
         t = time.perf_counter()
         batch = next(batches)
         logs.waited(len(batch["y"]) * run.world.world_size, time.perf_counter() - t)
-        lr = lr_at(cfg, epoch + pos.step / len(keys))
-        values = train_step(run, batch, lr)
+        progress = epoch + pos.step / len(keys)
+        values = train_step(run, batch, lr_at(cfg, progress), progress)
         if not math.isfinite(values["loss"]):
             raise KdpipeError(f"loss became {values['loss']} at epoch {epoch + 1} step {pos.step}: lower "
                               "--lr or the method weights")  # fmt: skip
@@ -171,7 +174,7 @@ def train_epoch(run: Run, log: Log) -> None:
         done_here += 1
         bar.update(len(batch["y"]), loss=values["loss"])
         if pos.steps % every == 0:
-            logs.step(pos.steps, epoch, pos.step - 1, lr, values, every)
+            logs.step(pos.steps, epoch, pos.step - 1, lr_at(cfg, progress), values, every)
         if cfg.checkpoint_every and pos.steps % cfg.checkpoint_every == 0 and pos.step < len(keys):
             if run.world.is_main:
                 run.ckpts.save_step(checkpoint_state(run))

@@ -74,7 +74,8 @@ def parse_run_method(cfg: DistillConfig, teacher: TeacherSource) -> tuple[Any, T
         )
     method = parse_method(cfg.method, cfg.weights or None, T=cfg.temperature,
                           label_smoothing=cfg.label_smoothing, dct_variant=variant,
-                          dct_mask=cfg.teacher_correct_mask, flip_symmetry=cfg.flip_symmetry)  # fmt: skip
+                          dct_mask=cfg.teacher_correct_mask, flip_symmetry=cfg.flip_symmetry,
+                          at_tap_weights=cfg.at_tap_weights, warmup=cfg.term_warmup)  # fmt: skip
     method.grad_form = teacher.grad_form
     plan = teacher.plan(method.required_targets, variant)
     teacher.check_targets(plan.read, cfg.method, method.required_targets)

@@ -1,0 +1,134 @@
+"""Tables and plots of run_long.py's runs: ``python pipelines/evidence/run_long.py --report --out out/long``.
+
+Writes OUT/tables-long.md, docs/results-long.json (every run's summary and per-epoch curves) and
+docs/img/long-*.png. A group's row shows mean ± sample standard deviation over the seeds that finished.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+IMG = ROOT / "docs" / "img"
+
+
+def load_runs(out: Path) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """data -> group name (run name without -sSEED) -> the runs: summary plus "curve" (epoch records)."""
+    table: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for runs in sorted(out.glob("*/runs")):
+        for run in sorted(runs.iterdir()):
+            s = run / "summary.json"
+            if not s.exists():
+                continue
+            curve = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+            name, seed = run.name.rsplit("-s", 1)
+            rec = json.loads(s.read_text()) | {"curve": curve, "run_seed": int(seed)}
+            table.setdefault(runs.parent.name, {}).setdefault(name, []).append(rec)
+    return table
+
+
+def ms(values: list[float]) -> str:
+    if not values:
+        return "-"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} ± {sd:.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+
+
+def last(rs: list[dict[str, Any]], key: str) -> list[float]:
+    return [r["curve"][-1][key] for r in rs if key in r["curve"][-1]]
+
+
+def row(name: str, rs: list[dict[str, Any]]) -> str:
+    seeds = ",".join(str(r["run_seed"]) for r in rs)
+    return (f"| {name} | {len(rs)} ({seeds}) | {ms([r['last_top1'] for r in rs])} | "
+            f"{ms([r['best_top1'] for r in rs])} | {ms(last(rs, 'train_top1'))} | "
+            f"{statistics.median(r['seconds_per_epoch'] for r in rs):.1f} |")  # fmt: skip
+
+
+HEAD = ["| run | seeds | last val top-1 % | best val top-1 % | last-epoch train top-1 % | s/epoch |",
+        "|---|---|---|---|---|---|"]  # fmt: skip
+
+
+def fixed_rows(g: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The fixed-teacher table: accuracy, where the best epoch was, and the train/val losses at the end."""
+    lines = ["| run | seeds | last val top-1 % | best (epoch) | train KD at the end | val loss min -> last "
+             "| train top-1 % |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    order = ["cache-k0-ce", "cache-k0-kd", "cache-k4-kd", "cache-k8-kd", "cache-k16-kd", "cache-k32-kd",
+             "online-fresh-kd"]  # fmt: skip
+    for name in order:
+        rs = g.get(name, [])
+        if not rs:
+            continue
+        c = rs[0]["curve"]
+        best = max(range(len(c)), key=lambda i: c[i]["val_top1"])
+        vl = [e["val_loss"] for e in c]
+        kd = f"{c[-1]['train_kd']:.4f}" if "train_kd" in c[-1] else "-"
+        lines.append(f"| {name} | {len(rs)} | {ms([r['last_top1'] for r in rs])} | "
+                     f"{c[best]['val_top1']:.2f} ({best + 1}) | {kd} | {min(vl):.3f} -> {vl[-1]:.3f} | "
+                     f"{ms(last(rs, 'train_top1'))} |")  # fmt: skip
+    return lines
+
+
+def mean_curve(rs: list[dict[str, Any]], key: str) -> list[float]:
+    n = min(len(r["curve"]) for r in rs)
+    return [statistics.mean(r["curve"][i][key] for r in rs) for i in range(n) if key in rs[0]["curve"][i]]
+
+
+def plots(table: dict[str, dict[str, list[dict[str, Any]]]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    IMG.mkdir(parents=True, exist_ok=True)
+    for data, g in table.items():
+        names = [n for n in g if n.startswith("cache-k8-") and n.count("-") == 2 or n == "cache-k8-at-remedy"]
+        if not names:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for n in sorted(names):
+            ax.plot(range(1, len(mean_curve(g[n], "val_top1")) + 1), mean_curve(g[n], "val_top1"), label=n)
+        ax.set(xlabel="epoch", ylabel="val top-1 % (mean over seeds)", title=f"ResNet-8 on {data}, 30 epochs")
+        ax.set_ylim(bottom=80 if data == "animals" else 85)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(IMG / f"long-curves-{data}.png", dpi=110)
+        plt.close(fig)
+    g = table.get("animals", {})
+    fixed = [n for n in ("cache-k0-ce", "cache-k0-kd", "cache-k4-kd", "cache-k8-kd", "cache-k16-kd",
+                         "cache-k32-kd", "online-fresh-kd") if n in g]  # fmt: skip
+    if fixed:
+        fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+        for n in fixed:
+            for ax, key in zip(axes, ("train_loss", "val_loss", "val_top1"), strict=True):
+                c = mean_curve(g[n], key)
+                ax.plot(range(1, len(c) + 1), c, label=n)
+        titles = ("train loss (weighted total)", "val loss (CE)", "val top-1 %")
+        for ax, what in zip(axes, titles, strict=True):
+            ax.set(xlabel="epoch", title=what)
+            ax.grid(alpha=0.3)
+        axes[0].set_yscale("log")
+        axes[2].set_ylim(bottom=90)
+        axes[2].legend(fontsize=7)
+        fig.suptitle("ResNet-8 <- ResNet-20 (kd), animals: cached views K vs an online teacher")
+        fig.tight_layout()
+        fig.savefig(IMG / "long-fixed-teacher.png", dpi=110)
+        plt.close(fig)
+
+
+def report(out: Path, epochs: int) -> None:
+    table = load_runs(out)
+    (ROOT / "docs" / "results-long.json").write_text(json.dumps(table, indent=1))
+    lines: list[str] = []
+    for data, g in table.items():
+        lines += [f"\n### {data} ({epochs} epochs)\n", *HEAD]
+        lines += [row(n, rs) for n, rs in g.items()]
+    if "animals" in table:
+        lines += ["\n### fixed teacher\n", *fixed_rows(table["animals"])]
+    (out / "tables-long.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plots(table)
