@@ -121,7 +121,8 @@ def train_step(run: Run, batch: dict[str, Any], lr: float, progress: float = 0.0
     unweighted term and "top1" (% of the batch the student got right), averaged over the processes."""
     cfg, device, optimizer, scaler = run.cfg, run.device, run.optimizer, run.precision.scaler
     set_lr(optimizer, lr)
-    run.module.method.progress = progress  # term warm-ups (--term-warmup)
+    method: Any = run.module.method
+    method.progress = progress  # term warm-ups (--term-warmup)
     x = batch["x"].to(device, non_blocking=True)
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
