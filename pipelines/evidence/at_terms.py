@@ -8,6 +8,7 @@ is at most ``4 beta / (h w)``: at beta = 1000 the coarsest tap gets the largest 
 
     python pipelines/evidence/at_terms.py out/evidence/animals/cache-k8 --data animals \\
         [--student resnet8] [--checkpoint RUN/checkpoints/last.pt] [--batches 8] [--out at_terms.json]
+        [--student-taps layer1.0.preact,layer2.0.preact,layer3.0.preact]   # with a cache of preact taps
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--student", default="resnet8")
     ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--student-taps", default="auto", help="auto, or comma-separated module paths")
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--out", default=None)
@@ -56,7 +58,7 @@ def main() -> None:
         state = torch.load(a.checkpoint, weights_only=False)["module"]
         model.load_state_dict({k[len("student.") :]: v for k, v in state.items() if k.startswith("student.")})
     model.train()
-    hooks = StudentTaps(model, "auto")
+    hooks = StudentTaps(model, a.student_taps if a.student_taps == "auto" else a.student_taps.split(","))
     src = BatchSource(load_dataset(a.data), ViewPolicy.from_dict(m["views"]["policy"]),
                       norm, cache=cache,
                       target_names=tuple(f"at.{i}" for i in range(taps)))  # fmt: skip
