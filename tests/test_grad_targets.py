@@ -298,3 +298,64 @@ def test_grad_goes_through_shards_resume_and_verify(tmp_path):
         f.write(bytes([b[0] ^ 0xFF]))
     r = CliRunner().invoke(cli, ["cache", "verify", str(one)])
     assert r.exit_code != 0 and "grad" in r.output, r.output
+
+
+def test_a_default_exporter_vit_teacher_gives_the_torch_input_gradient():
+    # torch's default exporter writes nn.GELU as Gelu-20, which has no opset-17 form: the replica
+    # writes it out as its erf formula before the opset conversion (it used to stop the job)
+    import copy
+
+    import _vit as V
+
+    graph = load_teacher(V.export("dynamo", registers=2))
+    assert any(n.op_type == "Gelu" for n in graph.model.graph.node)
+    spec = spec_for(graph, scale=1 / 255, mean=(0.5,), std=(0.25,))
+    x, y = spec.preprocess(V.images(3)), np.array([0, 3, 4])
+    got = TeacherGradients(graph, auto_taps(graph), spec, parse_form("full"))(x, y)
+    xt = torch.from_numpy(x.astype(np.float64)).requires_grad_(True)
+    ce = torch.nn.functional.cross_entropy(
+        copy.deepcopy(V.model(registers=2)).double()(xt), torch.from_numpy(y), reduction="sum"
+    )
+    (dx,) = torch.autograd.grad(ce, xt)
+    _close(got.astype(np.float64), dx.numpy() * (255 * (1 / 255) / 0.25), 1e-4)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_20_is_written_out_exactly(tmp_path, approximate):
+    # Conv -> Gelu (opset 20) -> global pool -> Gemm; float64 replica vs torch's own gelu in float64
+    # (1e-5: the formula's constants are float32, as the teacher's; erf and tanh GELU differ by ~1e-3)
+    rng = np.random.default_rng(0)
+    w, fc = rng.standard_normal((4, 3, 3, 3)), rng.standard_normal((5, 4))
+    nodes = [
+        helper.make_node("Conv", ["image", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Gelu", ["c"], ["s"], name="gelu", approximate=approximate),
+        helper.make_node("GlobalAveragePool", ["s"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "fc"], ["logits"], name="fc", transB=1),
+    ]
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for a, n in ((w, "w"), (fc, "fc"))]
+    g = helper.make_graph(
+        nodes,
+        "gelu",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 5])],
+        inits,
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)])
+    model.ir_version = 9
+    onnx.save(model, str(tmp_path / "gelu.onnx"))
+    graph = load_teacher(str(tmp_path / "gelu.onnx"))
+    spec = spec_for(graph, scale=1 / 255, mean=(0.5,), std=(0.25,))
+    x, y = spec.preprocess(_images(4, 8)), np.arange(4)
+    f64 = TeacherGradients(graph, [], spec, parse_form("full"), dtype=torch.float64)
+    got = f64(x, y)
+    assert f64.worst is not None and f64.worst < 1e-5
+
+    xt = torch.from_numpy(x.astype(np.float64)).requires_grad_(True)
+    c = torch.nn.functional.conv2d(xt, torch.from_numpy(w.astype(np.float32)).double(), padding=1)
+    s = torch.nn.functional.gelu(c, approximate=approximate)
+    z = s.mean(dim=(2, 3)) @ torch.from_numpy(fc.astype(np.float32)).double().T
+    (dx,) = torch.autograd.grad(
+        torch.nn.functional.cross_entropy(z, torch.from_numpy(y), reduction="sum"), xt
+    )
+    _close(got, dx.numpy() * (255 * (1 / 255) / 0.25), 1e-5)

@@ -8,6 +8,10 @@ are closed with the onnx library's own tools and a few small rewrites of our own
   static input shape (onnx2torch refuses auto_pad);
 - opset > 17 (the default torch exporter writes 18+, jax2onnx 23) -> ``onnx.version_converter`` to 17,
   the newest opset onnx2torch converts (ReduceMean-18 takes ``axes`` as an input);
+- ``Gelu`` (opset 20, which the default torch exporter writes for ``nn.GELU``) has no opset-17 version,
+  so the converter cannot bring it down: it is first written out as its definition,
+  ``0.5 x (1 + erf(x / sqrt 2))`` (``approximate="tanh"``:
+  ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``);
 - the converter's leftover ``noop_with_empty_axes`` attribute on opset-17 Reduce nodes is dropped
   (it only exists from opset 18 and means nothing when ``axes`` is given);
 - ``Reshape allowzero=1`` (dynamo) is dropped when its shape is a constant without zeros (then the
@@ -132,6 +136,68 @@ def _after_conversion(model: onnx.ModelProto) -> None:
             node.attribute.extend(keep)
 
 
+def _gelu_nodes(node: onnx.NodeProto, const: Any) -> list[onnx.NodeProto]:
+    """The Erf (or, ``approximate="tanh"``, Tanh) formula of one ONNX ``Gelu`` node, same output name;
+    ``const(value)`` gives the name of a scalar initializer in the input's dtype."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    approx = attrs.get("approximate", b"none")
+    approx = approx.decode() if isinstance(approx, bytes) else str(approx)
+    x, y = node.input[0], node.output[0]
+    tmp = [f"{y}__kdpipe_gelu_{k}" for k in range(8)]
+    mk = helper.make_node
+    if approx == "tanh":
+        inner = [
+            mk("Mul", [x, x], [tmp[0]]),
+            mk("Mul", [tmp[0], x], [tmp[1]]),
+            mk("Mul", [tmp[1], const(0.044715)], [tmp[2]]),
+            mk("Add", [x, tmp[2]], [tmp[3]]),
+            mk("Mul", [tmp[3], const(float(np.sqrt(2.0 / np.pi)))], [tmp[4]]),
+            mk("Tanh", [tmp[4]], [tmp[5]]),
+        ]
+    elif approx == "none":
+        inner = [
+            mk("Mul", [x, const(float(1.0 / np.sqrt(2.0)))], [tmp[4]]),
+            mk("Erf", [tmp[4]], [tmp[5]]),
+        ]
+    else:
+        raise KdpipeError(
+            f"the teacher's Gelu node {node.name!r} has approximate={approx!r} (not none or tanh)"
+        )
+    return [
+        *inner,
+        mk("Add", [tmp[5], const(1.0)], [tmp[6]]),
+        mk("Mul", [x, tmp[6]], [tmp[7]]),
+        mk("Mul", [tmp[7], const(0.5)], [y], name=node.name),
+    ]
+
+
+def _decompose_gelu(model: onnx.ModelProto, elem_types: dict[str, int]) -> None:
+    """Write each default-domain ``Gelu`` node of ``model`` out as its formula (in place; module
+    docstring): onnx.version_converter has no opset-17 form of it."""
+    g = model.graph
+    if not any(n.op_type == "Gelu" and n.domain in ("", "ai.onnx") for n in g.node):
+        return
+    made: dict[tuple[int, float], str] = {}
+
+    def const(elem: int, value: float) -> str:
+        if (elem, value) not in made:
+            name = f"__kdpipe_gelu_const_{len(made)}"
+            dtype = helper.tensor_dtype_to_np_dtype(elem)
+            g.initializer.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+            made[elem, value] = name
+        return made[elem, value]
+
+    nodes: list[onnx.NodeProto] = []
+    for node in g.node:
+        if node.op_type == "Gelu" and node.domain in ("", "ai.onnx"):
+            elem = elem_types.get(node.input[0], onnx.TensorProto.FLOAT)
+            nodes += _gelu_nodes(node, lambda v, e=elem: const(e, v))
+        else:
+            nodes.append(node)
+    del g.node[:]
+    g.node.extend(nodes)
+
+
 def _constants_as_initializers(model: onnx.ModelProto) -> None:
     """Constant nodes, and Identity nodes of an initializer or constant, become initializers (in place;
     graph outputs stay nodes)."""
@@ -156,10 +222,16 @@ def _constants_as_initializers(model: onnx.ModelProto) -> None:
     g.node.extend(keep)
 
 
-def close_gaps(model: onnx.ModelProto, shapes: dict[str, tuple[int | None, ...]]) -> onnx.ModelProto:
-    """A copy of ``model`` (shapes inferred) that onnx2torch converts: see the module docstring."""
+def close_gaps(
+    model: onnx.ModelProto,
+    shapes: dict[str, tuple[int | None, ...]],
+    elem_types: dict[str, int] | None = None,
+) -> onnx.ModelProto:
+    """A copy of ``model`` (shapes inferred; ``elem_types``: tensor element types, float32 where
+    missing) that onnx2torch converts: see the module docstring."""
     m = copy.deepcopy(model)
     _constants_as_initializers(m)
+    _decompose_gelu(m, elem_types or {})
     for node in m.graph.node:
         if node.op_type in _AUTO_PAD_OPS:
             _explicit_pads(node, shapes)
@@ -242,7 +314,7 @@ def build_replica(graph: TeacherGraph, taps: list[TapInfo] | None = None) -> Rep
     """The replica of ``graph`` with the ``taps`` as extra outputs; KdpipeError (one line) when a node
     cannot be converted."""
     names = [t.name for t in taps or []]
-    model = close_gaps(expose(graph.model, names, graph.elem_types), graph.shapes)
+    model = close_gaps(expose(graph.model, names, graph.elem_types), graph.shapes, graph.elem_types)
     o2t = _onnx2torch()
     if any(n.op_type in UNSUPPORTED for n in model.graph.node):
         raise _unconvertible(model, o2t, NotImplementedError("detection op"))
