@@ -80,6 +80,24 @@ def test_blocks_spec_and_module_paths(exporter):
         resolve_taps(load_teacher(M.export("resnet", "legacy", True)), "blocks:1")
 
 
+def test_malformed_numbers_in_tap_specs_are_one_line():
+    # "--2" and "²" once passed the digit check and raised int()'s ValueError (a traceback)
+    from kdpipe.pairing import select_cached
+
+    graph = load_teacher(V.export("legacy"))
+    cached = [{"name": "a", "block": 2}, {"name": "b", "block": 4}, {"name": "c", "block": 6}]
+    for bad in ("blocks:--2", "blocks:+2", "blocks:1_0", "blocks:\u00b2"):
+        with pytest.raises(KdpipeError, match="is not a block number") as e:
+            resolve_taps(graph, bad)
+        assert "\n" not in str(e.value)
+        with pytest.raises(KdpipeError, match="is not a block number"):
+            select_cached(cached, bad, "the cache")
+    for bad in ("--1", "+1", "1_0", "\u00b2"):
+        with pytest.raises(KdpipeError, match="is not a tap of the cache"):
+            select_cached(cached, bad, "the cache")
+    assert select_cached(cached, "-1,0,blocks:2,-1", "the cache") == [2, 0, 0, 2]  # still understood
+
+
 def test_inspect_shows_tokens_and_blocks():
     r = CliRunner().invoke(cli, ["inspect", V.export("dynamo", 2)])
     assert r.exit_code == 0, r.output

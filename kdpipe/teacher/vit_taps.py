@@ -24,6 +24,7 @@ is remembered for the ``attn`` target.
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from dataclasses import dataclass
 
@@ -289,6 +290,12 @@ def blocks(graph: TeacherGraph, tokens: dict[str, Tokens] | None = None) -> list
     return found
 
 
+def is_int(text: str) -> bool:
+    """Whether ``text`` is a plain decimal integer (ASCII digits, optional leading minus): what
+    ``int`` accepts without ValueError, and nothing more (no ``--3``, ``+3``, ``1_0`` or ``²``)."""
+    return re.fullmatch(r"-?[0-9]+", text) is not None
+
+
 def parse_blocks(item: str, count: int, where: str) -> list[int]:
     """1-based block numbers of a ``blocks`` or ``blocks:4,8,12`` tap item (negative: from the end)."""
     if count == 0:
@@ -301,7 +308,7 @@ def parse_blocks(item: str, count: int, where: str) -> list[int]:
     numbers: list[int] = []
     for part in item[len("blocks:") :].split(","):
         p = part.strip()
-        if not p.lstrip("-").isdigit() or int(p) == 0 or abs(int(p)) > count:
+        if not is_int(p) or int(p) == 0 or abs(int(p)) > count:
             raise KdpipeError(
                 f"tap {item!r}: block {p!r} is not a block number; {where} has {count} blocks, "
                 f"numbered 1..{count} (negative numbers count from the last)"
@@ -315,7 +322,7 @@ def group_items(items: list[str]) -> list[str]:
     """Re-join ``blocks:4,8,12`` after a comma split (``["blocks:4", "8", "12"]``)."""
     out: list[str] = []
     for it in items:
-        if out and out[-1].startswith("blocks:") and it.lstrip("-").isdigit():
+        if out and out[-1].startswith("blocks:") and is_int(it):
             out[-1] = f"{out[-1]},{it}"
         else:
             out.append(it)
