@@ -263,3 +263,20 @@ def test_a_hybrid_teacher_gives_its_conv_stage_then_its_blocks(exporter):
     got = _outputs(V.export(exporter, 1, 0, "hybrid"), [t.name for t in taps[1:]], x)
     for r, g in zip(ref, got, strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_token_clip_takes_the_nearest_rank_of_the_decimal_quantile():
+    # the ceil(Q*N)-th smallest cell: Q = 0.55, N = 100 is the 55th (float 0.55 * 100 rounds up to
+    # 55.000000000000007, whose ceil was 56); an empty batch is an empty result
+    from kdpipe.teacher.outliers import clip_maps
+
+    rng = np.random.default_rng(0)
+    maps = rng.random((3, 10, 10))
+    for q, n, rank in ((0.55, 100, 55), (0.56, 100, 56), (0.98, 196, 193), (0.5, 100, 50)):
+        m = rng.random((3, n))
+        thr = np.sort(m, axis=1)[:, rank - 1 : rank]
+        ref = np.minimum(m, thr)
+        ref /= np.sqrt((ref**2).sum(axis=1, keepdims=True))
+        np.testing.assert_allclose(clip_maps(m.reshape(3, 1, n), q).reshape(3, n), ref, rtol=1e-6)
+    out = clip_maps(maps[:0], 0.9)
+    assert out.shape == (0, 10, 10) and out.dtype == np.float32
