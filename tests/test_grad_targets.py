@@ -212,6 +212,16 @@ def test_a_replica_that_disagrees_with_onnxruntime_names_the_worst_tensor():
     assert "\n" not in str(e.value)
 
 
+def test_an_empty_batch_gives_an_empty_gradient_and_leaves_the_check_to_the_first_real_one():
+    # the replica was "checked" on the empty batch (onnxruntime failed on its Reshape to (0, -1))
+    graph = load_teacher(M.export("resnet", "legacy", True))
+    grads = TeacherGradients(graph, [], spec_for(graph), parse_form("csum+pool:4"))
+    x = M.sample_input("resnet", 3)
+    out = grads(x[:0], np.zeros(0, np.int64))
+    assert out.shape == (0, 1, 4, 4) and out.dtype == np.float32 and grads.worst is None
+    assert grads(x, np.arange(3)).shape == (3, 1, 4, 4) and grads.worst is not None and grads.worst < 1e-5
+
+
 def test_weights_shared_through_identity_nodes_are_converted(tmp_path):
     # the legacy exporter shares equal initializers (here the zero biases of folded BNs) through
     # Identity nodes; onnx2torch reads Conv weights from initializers only, so kdpipe turns them into ones
