@@ -38,6 +38,11 @@ def select_cached(taps: Sequence[dict[str, Any]], spec: str | Sequence[str], whe
     from kdpipe.teacher.vit_taps import group_items, is_int, parse_blocks
 
     items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    if not items:  # an empty choice would pair no taps at all, and AT/DCT would train on nothing
+        raise KdpipeError(
+            f"--teacher-taps {spec!r} names no taps; give tap indices, blocks:I,J or names of the cached "
+            f"taps ({_describe(taps)}), or leave it at auto"
+        )
     blocks = {int(t["block"]): i for i, t in enumerate(taps) if t.get("block")}
     out: list[int] = []
     for item in group_items(items):

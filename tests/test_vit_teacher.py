@@ -96,6 +96,9 @@ def test_malformed_numbers_in_tap_specs_are_one_line():
         with pytest.raises(KdpipeError, match="is not a tap of the cache"):
             select_cached(cached, bad, "the cache")
     assert select_cached(cached, "-1,0,blocks:2,-1", "the cache") == [2, 0, 0, 2]  # still understood
+    for empty in ("", " , ", []):  # an empty choice was [] (no pairs at all)
+        with pytest.raises(KdpipeError, match="names no taps"):
+            select_cached(cached, empty, "the cache")
 
 
 def test_inspect_shows_tokens_and_blocks():
