@@ -283,3 +283,38 @@ def test_token_clip_takes_the_nearest_rank_of_the_decimal_quantile():
         np.testing.assert_allclose(clip_maps(m.reshape(3, 1, n), q).reshape(3, n), ref, rtol=1e-6)
     out = clip_maps(maps[:0], 0.9)
     assert out.shape == (0, 10, 10) and out.dtype == np.float32
+
+
+@pytest.mark.parametrize("start", [0, -5, -1000, -(2**62)])
+def test_a_token_slice_from_before_the_first_token_keeps_every_token(tmp_path, start):
+    # ONNX clamps a Slice start below -T to 0; the tracker took start - (-995) = 996 as the first patch
+    from onnx import TensorProto, numpy_helper
+
+    from kdpipe.teacher.vit_taps import token_tensors
+
+    c = 6
+    ints = {"shape": [0, c, 4], "s0": [0], "e1": [1], "ax": [1], "st": [start], "end": [2**63 - 1]}
+    inits = [numpy_helper.from_array(np.random.default_rng(0).random((c, 3, 4, 4), np.float32), "w")]
+    inits += [numpy_helper.from_array(np.asarray(v, np.int64), k) for k, v in ints.items()]
+    nodes = [
+        helper.make_node("Conv", ["image", "w"], ["c"], strides=[4, 4]),  # (B, 6, 2, 2)
+        helper.make_node("Reshape", ["c", "shape"], ["r"]),
+        helper.make_node("Transpose", ["r"], ["p"], perm=[0, 2, 1]),  # 4 patch tokens
+        helper.make_node("Slice", ["p", "s0", "e1", "ax"], ["cls"]),
+        helper.make_node("Concat", ["cls", "p"], ["t"], axis=1),  # (B, 5, 6): patches from 1
+        helper.make_node("Slice", ["t", "st", "end", "ax"], ["u"]),  # all 5 tokens
+        helper.make_node("ReduceMean", ["u"], ["logits"], axes=[1], keepdims=0),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "tokens",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", c])],
+        inits,
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "t.onnx"))
+    found = token_tensors(load_teacher(str(tmp_path / "t.onnx")))
+    assert found["t"].tokens == 5 and found["t"].start == 1 and found["t"].grid == (2, 2)
+    assert found["u"] == found["t"]

@@ -206,8 +206,9 @@ class _Tracker:
             return None
         if axes[0] not in (1, -2) or steps[0] != 1:
             return None
-        s0 = starts[0] + tok.tokens if starts[0] < 0 else starts[0]
-        s1 = min(ends[0] + tok.tokens if ends[0] < 0 else ends[0], tok.tokens)
+        t = tok.tokens  # ONNX: a negative bound counts from the end, then both are clamped to [0, T]
+        s0 = min(max(starts[0] + t if starts[0] < 0 else starts[0], 0), t)
+        s1 = min(max(ends[0] + t if ends[0] < 0 else ends[0], 0), t)
         if s0 > tok.start or s1 < tok.start + tok.patches:
             return None
         return Tokens(s1 - s0, tok.channels, tok.start - s0, tok.grid)
