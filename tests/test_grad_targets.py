@@ -369,3 +369,40 @@ def test_gelu_20_is_written_out_exactly(tmp_path, approximate):
         torch.nn.functional.cross_entropy(z, torch.from_numpy(y), reduction="sum"), xt
     )
     _close(got, dx.numpy() * (255 * (1 / 255) / 0.25), 1e-5)
+
+
+def test_a_float16_teacher_gives_the_input_gradient_of_its_float32_counterpart(tmp_path):
+    # onnxruntime refused the float32 check batch (a traceback), and the half replica could not run
+    import contextlib
+    import io
+    import warnings
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, stride=2, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 5),
+    ).eval()
+    path = str(tmp_path / "half.onnx")
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            net.half(), (torch.zeros(2, 3, 16, 16, dtype=torch.half),), path, dynamo=False,
+            opset_version=17, input_names=["image"], output_names=["logits"],
+            dynamic_axes={"image": {0: "b"}, "logits": {0: "b"}},
+        )  # fmt: skip
+    graph = load_teacher(path)
+    assert graph.input.dtype == "float16"
+    spec = spec_for(graph, scale=1 / 255, mean=(0.5,), std=(0.25,))
+    x, y = spec.preprocess(_images(3, 16)), np.array([0, 2, 4])
+    grads = TeacherGradients(graph, auto_taps(graph), spec, parse_form("full"))
+    got = grads(x, y)
+    assert got.dtype == np.float32 and grads.worst is not None and grads.worst < 1e-3
+    xt = torch.from_numpy(x.astype(np.float64)).requires_grad_(True)  # the rounded weights, in float64
+    ce = torch.nn.functional.cross_entropy(net.double()(xt), torch.from_numpy(y), reduction="sum")
+    (dx,) = torch.autograd.grad(ce, xt)
+    _close(got.astype(np.float64), dx.numpy() * (255 * (1 / 255) / 0.25), 1e-5)

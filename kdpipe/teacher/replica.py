@@ -290,6 +290,7 @@ class Replica(torch.nn.Module):
     ``forward(x)`` takes the model input (B, C, H, W) or (B, H, W, C) as the ONNX graph does and
     returns a dict: ``"logits"`` (B, K) and each exposed tensor by its ONNX name (e.g. the taps).
     Weights are frozen (``requires_grad=False``) and in eval mode; ``.double()`` gives a float64 replica.
+    A float16/bfloat16 graph gets a float32 replica (of its rounded weights), fed float32 inputs.
     """
 
     def __init__(self, module: torch.nn.Module, outputs: list[str], logits_name: str) -> None:
@@ -326,6 +327,9 @@ def build_replica(graph: TeacherGraph, taps: list[TapInfo] | None = None) -> Rep
         raise
     except Exception as e:  # NotImplementedError, KeyError, ... from a converter
         raise _unconvertible(model, o2t, e) from e
+    tensors = [*module.parameters(), *module.buffers()]
+    if any(t.dtype in (torch.float16, torch.bfloat16) for t in tensors):
+        module = module.float()  # half weights next to float32 biases do not run; J_T is float32 anyway
     return Replica(module, [o.name for o in model.graph.output], graph.logits_name)
 
 
@@ -334,7 +338,8 @@ def _ort_outputs(graph: TeacherGraph, names: list[str], x: np.ndarray) -> list[n
 
     model = expose(graph.model, names, graph.elem_types)
     sess = make_session(model.SerializeToString(), "cpu", 1, False)
-    return list(sess.run(names, {graph.input.name: x}))
+    feed = np.ascontiguousarray(x, dtype=np.dtype(graph.input.dtype))  # e.g. a float16 teacher
+    return list(sess.run(names, {graph.input.name: feed}))
 
 
 def check_replica(replica: Replica, graph: TeacherGraph, taps: list[TapInfo], x: np.ndarray) -> float:
