@@ -115,7 +115,8 @@ def test_reduced_forms_are_the_full_gradient_reduced(tmp_path):
     np.testing.assert_allclose(small.reshape(6, 4, 4), ref, rtol=1e-5, atol=1e-9)
 
 
-FOREIGN = ["keras_resnet_tf2onnx", "paddle_resnet_paddle2onnx"]
+# jax_vit_jax2onnx: opset 23 with Gelu-20 and Split-18, which the opset converter cannot bring to 17
+FOREIGN = ["keras_resnet_tf2onnx", "paddle_resnet_paddle2onnx", "jax_vit_jax2onnx"]
 
 
 @pytest.mark.parametrize("name", FOREIGN)
@@ -239,7 +240,9 @@ def test_weights_shared_through_identity_nodes_are_converted(tmp_path):
     assert check_replica(build_replica(graph, taps), graph, taps, M.sample_input("resnet", 2)) < 1e-5
 
 
-@pytest.mark.parametrize("name", ["keras_resnet_tf2onnx", "paddle_resnet_paddle2onnx", "jax_resnet_jax2onnx"])
+@pytest.mark.parametrize(
+    "name", ["keras_resnet_tf2onnx", "paddle_resnet_paddle2onnx", "jax_resnet_jax2onnx", "jax_vit_jax2onnx"]
+)
 def test_foreign_replicas_equal_onnxruntime_on_logits_and_taps(name):
     # jax2onnx: opset 23 (version_converter to 17) and Conv auto_pad SAME_UPPER (made explicit pads)
     path, ref = fixture(name)
@@ -406,3 +409,39 @@ def test_a_float16_teacher_gives_the_input_gradient_of_its_float32_counterpart(t
     ce = torch.nn.functional.cross_entropy(net.double()(xt), torch.from_numpy(y), reduction="sum")
     (dx,) = torch.autograd.grad(ce, xt)
     _close(got.astype(np.float64), dx.numpy() * (255 * (1 / 255) / 0.25), 1e-5)
+
+
+@pytest.mark.parametrize("sizes", [None, [2, 4, 1]])
+def test_split_18_becomes_slices_of_the_right_sizes(tmp_path, sizes):
+    # opset 18 Split, by num_outputs (7 channels -> 3, 3, 1) or by a sizes input; the outputs are
+    # concatenated out of order, so a wrong size or order changes the logits that onnxruntime checks
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((7, 3, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.standard_normal((5, 7)).astype(np.float32), "fc"),
+    ]
+    split_in, attrs = ["c"], {"axis": -3, "num_outputs": 3}
+    if sizes is not None:
+        inits.append(numpy_helper.from_array(np.asarray(sizes, np.int64), "sizes"))
+        split_in, attrs = ["c", "sizes"], {"axis": 1}
+    nodes = [
+        helper.make_node("Conv", ["image", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Split", split_in, ["s0", "s1", "s2"], name="split", **attrs),
+        helper.make_node("Concat", ["s2", "s0", "s1"], ["s"], name="cat", axis=1),
+        helper.make_node("GlobalAveragePool", ["s"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "fc"], ["logits"], name="fc", transB=1),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "split",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 5])],
+        inits,
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "split.onnx"))
+    graph = load_teacher(str(tmp_path / "split.onnx"))
+    x = np.random.default_rng(1).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    assert check_replica(build_replica(graph, []), graph, [], x) < 1e-5

@@ -12,6 +12,8 @@ are closed with the onnx library's own tools and a few small rewrites of our own
   so the converter cannot bring it down: it is first written out as its definition,
   ``0.5 x (1 + erf(x / sqrt 2))`` (``approximate="tanh"``:
   ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``);
+- ``Split`` at opset 18+ (jax2onnx) has no converter adapter down to 17: a Split with constant sizes
+  (or ``num_outputs`` on a static axis) becomes one ``Slice`` per output;
 - the converter's leftover ``noop_with_empty_axes`` attribute on opset-17 Reduce nodes is dropped
   (it only exists from opset 18 and means nothing when ``axes`` is given);
 - ``Reshape allowzero=1`` (dynamo) is dropped when its shape is a constant without zeros (then the
@@ -198,6 +200,50 @@ def _decompose_gelu(model: onnx.ModelProto, elem_types: dict[str, int]) -> None:
     g.node.extend(nodes)
 
 
+def _split_sizes(node: onnx.NodeProto, consts: dict[str, np.ndarray], dim: int | None) -> list[int] | None:
+    """The output sizes of a ``Split`` node: its constant ``split`` input, else ``num_outputs`` over a
+    static axis of size ``dim`` (ceil(dim / n) each, the last one smaller: Split-18); None if unknown."""
+    if len(node.input) > 1 and node.input[1]:
+        sizes = consts.get(node.input[1])
+        return None if sizes is None else [int(v) for v in np.asarray(sizes).reshape(-1)]
+    n = next((int(a.i) for a in node.attribute if a.name == "num_outputs"), len(node.output))
+    if dim is None or n < 1:
+        return None
+    step = -(-dim // n)
+    return [max(0, min(step, dim - k * step)) for k in range(n)]
+
+
+def _split_as_slices(model: onnx.ModelProto, shapes: dict[str, tuple[int | None, ...]]) -> None:
+    """Each default-domain ``Split`` of ``model`` with known sizes becomes one Slice per output (in place;
+    module docstring); others stay (the opset conversion then names them)."""
+    g = model.graph
+    if not any(n.op_type == "Split" for n in g.node):
+        return
+    consts = _constants(model)
+    nodes: list[onnx.NodeProto] = []
+    for node in g.node:
+        if node.op_type != "Split" or node.domain not in ("", "ai.onnx") or not all(node.output):
+            nodes.append(node)
+            continue
+        shape = shapes.get(node.input[0])
+        axis = next((int(a.i) for a in node.attribute if a.name == "axis"), 0)
+        if shape is not None and axis < 0:
+            axis += len(shape)
+        dim = shape[axis] if shape is not None and 0 <= axis < len(shape) else None
+        sizes = _split_sizes(node, consts, dim)
+        if sizes is None or len(sizes) != len(node.output):
+            nodes.append(node)
+            continue
+        bounds = np.cumsum([0, *sizes])
+        for k, out in enumerate(node.output):
+            names = [f"{out}__kdpipe_split_{what}" for what in ("starts", "ends", "axes")]
+            for name, v in zip(names, (bounds[k], bounds[k + 1], axis), strict=True):
+                g.initializer.append(numpy_helper.from_array(np.asarray([v], np.int64), name))
+            nodes.append(helper.make_node("Slice", [node.input[0], *names], [out], name=f"{node.name}_{k}"))
+    del g.node[:]
+    g.node.extend(nodes)
+
+
 def _constants_as_initializers(model: onnx.ModelProto) -> None:
     """Constant nodes, and Identity nodes of an initializer or constant, become initializers (in place;
     graph outputs stay nodes)."""
@@ -236,6 +282,7 @@ def close_gaps(
         if node.op_type in _AUTO_PAD_OPS:
             _explicit_pads(node, shapes)
     if default_opset(m) > TARGET_OPSET:
+        _split_as_slices(m, shapes)
         try:
             m = onnx.version_converter.convert_version(m, TARGET_OPSET)
         except Exception as e:  # onnx raises several types; the adapter that failed is in the message
