@@ -102,8 +102,9 @@ def _explicit_pads(node: onnx.NodeProto, shapes: dict[str, tuple[int | None, ...
     node.attribute.extend([*keep, helper.make_attribute("pads", begin + end)])
 
 
-def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Initializers and Constant-node outputs of ``model`` by tensor name."""
+def _constants(model: onnx.ModelProto, names: set[str]) -> dict[str, np.ndarray]:
+    """The initializers and Constant-node outputs among ``names``, by tensor name (only those are
+    decoded: the weights of a large teacher are not copied)."""
 
     def value(t: onnx.TensorProto) -> np.ndarray:
         try:
@@ -111,16 +112,18 @@ def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
         except (ValueError, TypeError) as e:
             raise KdpipeError(f"teacher tensor {t.name!r} is malformed ({e}); re-export the model") from None
 
-    out = {t.name: value(t) for t in model.graph.initializer}
+    out = {t.name: value(t) for t in model.graph.initializer if t.name in names}
     for n in model.graph.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            out[n.output[0]] = value(n.attribute[0].t)
+        if n.op_type == "Constant" and n.output[0] in names and n.attribute[:1]:
+            if n.attribute[0].name == "value":
+                out[n.output[0]] = value(n.attribute[0].t)
     return out
 
 
 def _after_conversion(model: onnx.ModelProto) -> None:
     """Fix, in place, what onnx2torch refuses after the opset conversion (module docstring)."""
-    consts = _constants(model)
+    shapes = {n.input[1] for n in model.graph.node if n.op_type == "Reshape" and n.input[1:]}
+    consts = _constants(model, shapes)
     for node in model.graph.node:
         if node.op_type.startswith("Reduce") and any(a.name == "axes" for a in node.attribute):
             keep = [a for a in node.attribute if a.name != "noop_with_empty_axes"]
@@ -219,7 +222,7 @@ def _split_as_slices(model: onnx.ModelProto, shapes: dict[str, tuple[int | None,
     g = model.graph
     if not any(n.op_type == "Split" for n in g.node):
         return
-    consts = _constants(model)
+    consts = _constants(model, {n.input[1] for n in g.node if n.op_type == "Split" and len(n.input) > 1})
     nodes: list[onnx.NodeProto] = []
     for node in g.node:
         if node.op_type != "Split" or node.domain not in ("", "ai.onnx") or not all(node.output):
