@@ -318,3 +318,40 @@ def test_a_token_slice_from_before_the_first_token_keeps_every_token(tmp_path, s
     found = token_tensors(load_teacher(str(tmp_path / "t.onnx")))
     assert found["t"].tokens == 5 and found["t"].start == 1 and found["t"].grid == (2, 2)
     assert found["u"] == found["t"]
+
+
+@pytest.mark.parametrize("stream_first", [True, False])
+def test_a_single_head_attention_output_is_not_a_patch_grid(tmp_path, stream_first):
+    # one head: the attention output (B, T, 1, d) reshaped to (B, T, d) looked like an NHWC map with
+    # a (65, 1) grid; with the residual written attn(x) + x the block outputs took that grid (and the
+    # class token as a patch)
+    import contextlib
+    import io
+    import warnings
+
+    import torch
+
+    from kdpipe.student.vit import Block
+    from kdpipe.teacher.vit_taps import token_tensors
+
+    class BranchFirst(Block):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.attn(self.ln1(x)) + x
+            return self.mlp(self.ln2(x)) + x
+
+    torch.manual_seed(0)
+    net = V.TinyViT()
+    kind = Block if stream_first else BranchFirst
+    net.blocks = torch.nn.Sequential(*[kind(V.DIM, 1, mlp_ratio=2.0) for _ in range(2)])
+    path = str(tmp_path / "one_head.onnx")
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            net.eval(), (torch.zeros(2, 3, V.SIZE, V.SIZE),), path, dynamo=False, opset_version=17,
+            input_names=["image"], output_names=["logits"], dynamic_axes={"image": {0: "b"}},
+        )  # fmt: skip
+    graph = load_teacher(path)
+    assert {t.grid for t in token_tensors(graph).values()} == {GRID}
+    taps = auto_taps(graph)
+    want = [((V.DIM, *GRID), 1, 1), ((V.DIM, *GRID), 1, 2)]
+    assert [(t.shape, t.token_start, t.block) for t in taps] == want

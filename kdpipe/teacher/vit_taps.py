@@ -7,7 +7,8 @@ distillation token, registers). Tracking, in graph order:
 - seeds: the patch grid is read from the tensor that is reshaped into tokens, never from a square
   root: a Reshape of an NCHW map (B, C, h, w) to (B, C, h*w) followed by a Transpose (0, 2, 1) (torch's
   ``flatten(2).transpose(1, 2)``), or a Reshape of an NHWC map or a patchified tensor (B, h, w, ...)
-  to (B, h*w, D) (Flax/Keras patch embeddings, patchify-by-reshape);
+  to (B, h*w, D) (Flax/Keras patch embeddings, patchify-by-reshape); a 4-D (B, h, w, C) source needs
+  h, w > 1 (a single attention head's (B, T, 1, d) merged back into tokens is no grid);
 - a Concat on the token axis with one tracked input shifts ``start`` by the tokens before it;
 - a Slice of the token axis with constant bounds that keeps every patch token shifts it back;
 - token-wise ops (elementwise ops, LayerNormalization, activations, a MatMul by a weight matrix)
@@ -181,6 +182,8 @@ class _Tracker:
                 self.channel_first[out] = (h, w)
             return None
         h, w = dims[0], dims[1]
+        if len(src) == 4 and 1 in (h, w):
+            return None  # a single head's (B, T, 1, d) or (B, 1, T, d) merged back into tokens: no grid
         if h * w == n and int(np.prod(dims[2:])) == d and self.layouts.get(node.input[0]) != "NCHW":
             return Tokens(n, d, 0, (h, w))
         return None
