@@ -35,13 +35,18 @@ def select_cached(taps: Sequence[dict[str, Any]], spec: str | Sequence[str], whe
     """Indices of the cached teacher taps named by ``--teacher-taps``: tap indices (``0,2,4``),
     ``blocks:I,J`` (1-based transformer block numbers among the cached taps), or tensor names / torch
     module paths of cached taps."""
-    from kdpipe.teacher.vit_taps import group_items, parse_blocks
+    from kdpipe.teacher.vit_taps import group_items, is_int, parse_blocks
 
     items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    if not items:  # an empty choice would pair no taps at all, and AT/DCT would train on nothing
+        raise KdpipeError(
+            f"--teacher-taps {spec!r} names no taps; give tap indices, blocks:I,J or names of the cached "
+            f"taps ({_describe(taps)}), or leave it at auto"
+        )
     blocks = {int(t["block"]): i for i, t in enumerate(taps) if t.get("block")}
     out: list[int] = []
     for item in group_items(items):
-        if item.lstrip("-").isdigit() and -len(taps) <= int(item) < len(taps):
+        if is_int(item) and -len(taps) <= int(item) < len(taps):
             out.append(int(item) % len(taps))
         elif item == "blocks" or item.startswith("blocks:"):
             numbers = parse_blocks(item, max(blocks, default=0), where)

@@ -80,6 +80,27 @@ def test_blocks_spec_and_module_paths(exporter):
         resolve_taps(load_teacher(M.export("resnet", "legacy", True)), "blocks:1")
 
 
+def test_malformed_numbers_in_tap_specs_are_one_line():
+    # "--2" and "²" once passed the digit check and raised int()'s ValueError (a traceback)
+    from kdpipe.pairing import select_cached
+
+    graph = load_teacher(V.export("legacy"))
+    cached = [{"name": "a", "block": 2}, {"name": "b", "block": 4}, {"name": "c", "block": 6}]
+    for bad in ("blocks:--2", "blocks:+2", "blocks:1_0", "blocks:\u00b2"):
+        with pytest.raises(KdpipeError, match="is not a block number") as e:
+            resolve_taps(graph, bad)
+        assert "\n" not in str(e.value)
+        with pytest.raises(KdpipeError, match="is not a block number"):
+            select_cached(cached, bad, "the cache")
+    for bad in ("--1", "+1", "1_0", "\u00b2"):
+        with pytest.raises(KdpipeError, match="is not a tap of the cache"):
+            select_cached(cached, bad, "the cache")
+    assert select_cached(cached, "-1,0,blocks:2,-1", "the cache") == [2, 0, 0, 2]  # still understood
+    for empty in ("", " , ", []):  # an empty choice was [] (no pairs at all)
+        with pytest.raises(KdpipeError, match="names no taps"):
+            select_cached(cached, empty, "the cache")
+
+
 def test_inspect_shows_tokens_and_blocks():
     r = CliRunner().invoke(cli, ["inspect", V.export("dynamo", 2)])
     assert r.exit_code == 0, r.output
@@ -245,3 +266,92 @@ def test_a_hybrid_teacher_gives_its_conv_stage_then_its_blocks(exporter):
     got = _outputs(V.export(exporter, 1, 0, "hybrid"), [t.name for t in taps[1:]], x)
     for r, g in zip(ref, got, strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_token_clip_takes_the_nearest_rank_of_the_decimal_quantile():
+    # the ceil(Q*N)-th smallest cell: Q = 0.55, N = 100 is the 55th (float 0.55 * 100 rounds up to
+    # 55.000000000000007, whose ceil was 56); an empty batch is an empty result
+    from kdpipe.teacher.outliers import clip_maps
+
+    rng = np.random.default_rng(0)
+    maps = rng.random((3, 10, 10))
+    for q, n, rank in ((0.55, 100, 55), (0.56, 100, 56), (0.98, 196, 193), (0.5, 100, 50)):
+        m = rng.random((3, n))
+        thr = np.sort(m, axis=1)[:, rank - 1 : rank]
+        ref = np.minimum(m, thr)
+        ref /= np.sqrt((ref**2).sum(axis=1, keepdims=True))
+        np.testing.assert_allclose(clip_maps(m.reshape(3, 1, n), q).reshape(3, n), ref, rtol=1e-6)
+    out = clip_maps(maps[:0], 0.9)
+    assert out.shape == (0, 10, 10) and out.dtype == np.float32
+
+
+@pytest.mark.parametrize("start", [0, -5, -1000, -(2**62)])
+def test_a_token_slice_from_before_the_first_token_keeps_every_token(tmp_path, start):
+    # ONNX clamps a Slice start below -T to 0; the tracker took start - (-995) = 996 as the first patch
+    from onnx import TensorProto, numpy_helper
+
+    from kdpipe.teacher.vit_taps import token_tensors
+
+    c = 6
+    ints = {"shape": [0, c, 4], "s0": [0], "e1": [1], "ax": [1], "st": [start], "end": [2**63 - 1]}
+    inits = [numpy_helper.from_array(np.random.default_rng(0).random((c, 3, 4, 4), np.float32), "w")]
+    inits += [numpy_helper.from_array(np.asarray(v, np.int64), k) for k, v in ints.items()]
+    nodes = [
+        helper.make_node("Conv", ["image", "w"], ["c"], strides=[4, 4]),  # (B, 6, 2, 2)
+        helper.make_node("Reshape", ["c", "shape"], ["r"]),
+        helper.make_node("Transpose", ["r"], ["p"], perm=[0, 2, 1]),  # 4 patch tokens
+        helper.make_node("Slice", ["p", "s0", "e1", "ax"], ["cls"]),
+        helper.make_node("Concat", ["cls", "p"], ["t"], axis=1),  # (B, 5, 6): patches from 1
+        helper.make_node("Slice", ["t", "st", "end", "ax"], ["u"]),  # all 5 tokens
+        helper.make_node("ReduceMean", ["u"], ["logits"], axes=[1], keepdims=0),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "tokens",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", c])],
+        inits,
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "t.onnx"))
+    found = token_tensors(load_teacher(str(tmp_path / "t.onnx")))
+    assert found["t"].tokens == 5 and found["t"].start == 1 and found["t"].grid == (2, 2)
+    assert found["u"] == found["t"]
+
+
+@pytest.mark.parametrize("stream_first", [True, False])
+def test_a_single_head_attention_output_is_not_a_patch_grid(tmp_path, stream_first):
+    # one head: the attention output (B, T, 1, d) reshaped to (B, T, d) looked like an NHWC map with
+    # a (65, 1) grid; with the residual written attn(x) + x the block outputs took that grid (and the
+    # class token as a patch)
+    import contextlib
+    import io
+    import warnings
+
+    import torch
+
+    from kdpipe.student.vit import Block
+    from kdpipe.teacher.vit_taps import token_tensors
+
+    class BranchFirst(Block):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.attn(self.ln1(x)) + x
+            return self.mlp(self.ln2(x)) + x
+
+    torch.manual_seed(0)
+    net = V.TinyViT()
+    kind = Block if stream_first else BranchFirst
+    net.blocks = torch.nn.Sequential(*[kind(V.DIM, 1, mlp_ratio=2.0) for _ in range(2)])
+    path = str(tmp_path / "one_head.onnx")
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            net.eval(), (torch.zeros(2, 3, V.SIZE, V.SIZE),), path, dynamo=False, opset_version=17,
+            input_names=["image"], output_names=["logits"], dynamic_axes={"image": {0: "b"}},
+        )  # fmt: skip
+    graph = load_teacher(path)
+    assert {t.grid for t in token_tensors(graph).values()} == {GRID}
+    taps = auto_taps(graph)
+    want = [((V.DIM, *GRID), 1, 1), ((V.DIM, *GRID), 1, 2)]
+    assert [(t.shape, t.token_start, t.block) for t in taps] == want

@@ -15,6 +15,7 @@ the clipped maps by the native op.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 
@@ -29,8 +30,10 @@ def check_clip(q: float | None) -> None:
 
 def clip_maps(maps: np.ndarray, q: float) -> np.ndarray:
     """(N, h, w) maps -> float32 ``l2n(min(a, q-quantile of a))`` per sample, computed in float64."""
-    a = np.asarray(maps, dtype=np.float64).reshape(len(maps), -1)
-    k = max(1, math.ceil(q * a.shape[1]))
+    a = np.asarray(maps, dtype=np.float64)
+    a = a.reshape(len(a), int(np.prod(a.shape[1:])))
+    # Q as the decimal it was given: in floats 0.55 * 100 is 55.000000000000007, whose ceil is 56
+    k = max(1, math.ceil(Fraction(repr(float(q))) * a.shape[1]))
     thr = np.partition(a, k - 1, axis=1)[:, k - 1 : k]
     c = np.minimum(a, thr)
     c /= np.maximum(np.sqrt((c * c).sum(axis=1, keepdims=True)), 1e-12)

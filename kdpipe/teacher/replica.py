@@ -8,6 +8,12 @@ are closed with the onnx library's own tools and a few small rewrites of our own
   static input shape (onnx2torch refuses auto_pad);
 - opset > 17 (the default torch exporter writes 18+, jax2onnx 23) -> ``onnx.version_converter`` to 17,
   the newest opset onnx2torch converts (ReduceMean-18 takes ``axes`` as an input);
+- ``Gelu`` (opset 20, which the default torch exporter writes for ``nn.GELU``) has no opset-17 version,
+  so the converter cannot bring it down: it is first written out as its definition,
+  ``0.5 x (1 + erf(x / sqrt 2))`` (``approximate="tanh"``:
+  ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``);
+- ``Split`` at opset 18+ (jax2onnx) has no converter adapter down to 17: a Split with constant sizes
+  (or ``num_outputs`` on a static axis) becomes one ``Slice`` per output;
 - the converter's leftover ``noop_with_empty_axes`` attribute on opset-17 Reduce nodes is dropped
   (it only exists from opset 18 and means nothing when ``axes`` is given);
 - ``Reshape allowzero=1`` (dynamo) is dropped when its shape is a constant without zeros (then the
@@ -96,8 +102,9 @@ def _explicit_pads(node: onnx.NodeProto, shapes: dict[str, tuple[int | None, ...
     node.attribute.extend([*keep, helper.make_attribute("pads", begin + end)])
 
 
-def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Initializers and Constant-node outputs of ``model`` by tensor name."""
+def _constants(model: onnx.ModelProto, names: set[str]) -> dict[str, np.ndarray]:
+    """The initializers and Constant-node outputs among ``names``, by tensor name (only those are
+    decoded: the weights of a large teacher are not copied)."""
 
     def value(t: onnx.TensorProto) -> np.ndarray:
         try:
@@ -105,16 +112,18 @@ def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
         except (ValueError, TypeError) as e:
             raise KdpipeError(f"teacher tensor {t.name!r} is malformed ({e}); re-export the model") from None
 
-    out = {t.name: value(t) for t in model.graph.initializer}
+    out = {t.name: value(t) for t in model.graph.initializer if t.name in names}
     for n in model.graph.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            out[n.output[0]] = value(n.attribute[0].t)
+        if n.op_type == "Constant" and n.output[0] in names and n.attribute[:1]:
+            if n.attribute[0].name == "value":
+                out[n.output[0]] = value(n.attribute[0].t)
     return out
 
 
 def _after_conversion(model: onnx.ModelProto) -> None:
     """Fix, in place, what onnx2torch refuses after the opset conversion (module docstring)."""
-    consts = _constants(model)
+    shapes = {n.input[1] for n in model.graph.node if n.op_type == "Reshape" and n.input[1:]}
+    consts = _constants(model, shapes)
     for node in model.graph.node:
         if node.op_type.startswith("Reduce") and any(a.name == "axes" for a in node.attribute):
             keep = [a for a in node.attribute if a.name != "noop_with_empty_axes"]
@@ -130,6 +139,112 @@ def _after_conversion(model: onnx.ModelProto) -> None:
             keep = [a for a in node.attribute if a.name != "allowzero"]
             del node.attribute[:]
             node.attribute.extend(keep)
+
+
+def _gelu_nodes(node: onnx.NodeProto, const: Any) -> list[onnx.NodeProto]:
+    """The Erf (or, ``approximate="tanh"``, Tanh) formula of one ONNX ``Gelu`` node, same output name;
+    ``const(value)`` gives the name of a scalar initializer in the input's dtype."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    approx = attrs.get("approximate", b"none")
+    approx = approx.decode() if isinstance(approx, bytes) else str(approx)
+    x, y = node.input[0], node.output[0]
+    tmp = [f"{y}__kdpipe_gelu_{k}" for k in range(8)]
+    mk = helper.make_node
+    if approx == "tanh":
+        inner = [
+            mk("Mul", [x, x], [tmp[0]]),
+            mk("Mul", [tmp[0], x], [tmp[1]]),
+            mk("Mul", [tmp[1], const(0.044715)], [tmp[2]]),
+            mk("Add", [x, tmp[2]], [tmp[3]]),
+            mk("Mul", [tmp[3], const(float(np.sqrt(2.0 / np.pi)))], [tmp[4]]),
+            mk("Tanh", [tmp[4]], [tmp[5]]),
+        ]
+    elif approx == "none":
+        inner = [
+            mk("Mul", [x, const(float(1.0 / np.sqrt(2.0)))], [tmp[4]]),
+            mk("Erf", [tmp[4]], [tmp[5]]),
+        ]
+    else:
+        raise KdpipeError(
+            f"the teacher's Gelu node {node.name!r} has approximate={approx!r} (not none or tanh)"
+        )
+    return [
+        *inner,
+        mk("Add", [tmp[5], const(1.0)], [tmp[6]]),
+        mk("Mul", [x, tmp[6]], [tmp[7]]),
+        mk("Mul", [tmp[7], const(0.5)], [y], name=node.name),
+    ]
+
+
+def _decompose_gelu(model: onnx.ModelProto, elem_types: dict[str, int]) -> None:
+    """Write each default-domain ``Gelu`` node of ``model`` out as its formula (in place; module
+    docstring): onnx.version_converter has no opset-17 form of it."""
+    g = model.graph
+    if not any(n.op_type == "Gelu" and n.domain in ("", "ai.onnx") for n in g.node):
+        return
+    made: dict[tuple[int, float], str] = {}
+
+    def const(elem: int, value: float) -> str:
+        if (elem, value) not in made:
+            name = f"__kdpipe_gelu_const_{len(made)}"
+            dtype = helper.tensor_dtype_to_np_dtype(elem)
+            g.initializer.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+            made[elem, value] = name
+        return made[elem, value]
+
+    nodes: list[onnx.NodeProto] = []
+    for node in g.node:
+        if node.op_type == "Gelu" and node.domain in ("", "ai.onnx"):
+            elem = elem_types.get(node.input[0], onnx.TensorProto.FLOAT)
+            nodes += _gelu_nodes(node, lambda v, e=elem: const(e, v))
+        else:
+            nodes.append(node)
+    del g.node[:]
+    g.node.extend(nodes)
+
+
+def _split_sizes(node: onnx.NodeProto, consts: dict[str, np.ndarray], dim: int | None) -> list[int] | None:
+    """The output sizes of a ``Split`` node: its constant ``split`` input, else ``num_outputs`` over a
+    static axis of size ``dim`` (ceil(dim / n) each, the last one smaller: Split-18); None if unknown."""
+    if len(node.input) > 1 and node.input[1]:
+        sizes = consts.get(node.input[1])
+        return None if sizes is None else [int(v) for v in np.asarray(sizes).reshape(-1)]
+    n = next((int(a.i) for a in node.attribute if a.name == "num_outputs"), len(node.output))
+    if dim is None or n < 1:
+        return None
+    step = -(-dim // n)
+    return [max(0, min(step, dim - k * step)) for k in range(n)]
+
+
+def _split_as_slices(model: onnx.ModelProto, shapes: dict[str, tuple[int | None, ...]]) -> None:
+    """Each default-domain ``Split`` of ``model`` with known sizes becomes one Slice per output (in place;
+    module docstring); others stay (the opset conversion then names them)."""
+    g = model.graph
+    if not any(n.op_type == "Split" for n in g.node):
+        return
+    consts = _constants(model, {n.input[1] for n in g.node if n.op_type == "Split" and len(n.input) > 1})
+    nodes: list[onnx.NodeProto] = []
+    for node in g.node:
+        if node.op_type != "Split" or node.domain not in ("", "ai.onnx") or not all(node.output):
+            nodes.append(node)
+            continue
+        shape = shapes.get(node.input[0])
+        axis = next((int(a.i) for a in node.attribute if a.name == "axis"), 0)
+        if shape is not None and axis < 0:
+            axis += len(shape)
+        dim = shape[axis] if shape is not None and 0 <= axis < len(shape) else None
+        sizes = _split_sizes(node, consts, dim)
+        if sizes is None or len(sizes) != len(node.output):
+            nodes.append(node)
+            continue
+        bounds = np.cumsum([0, *sizes])
+        for k, out in enumerate(node.output):
+            names = [f"{out}__kdpipe_split_{what}" for what in ("starts", "ends", "axes")]
+            for name, v in zip(names, (bounds[k], bounds[k + 1], axis), strict=True):
+                g.initializer.append(numpy_helper.from_array(np.asarray([v], np.int64), name))
+            nodes.append(helper.make_node("Slice", [node.input[0], *names], [out], name=f"{node.name}_{k}"))
+    del g.node[:]
+    g.node.extend(nodes)
 
 
 def _constants_as_initializers(model: onnx.ModelProto) -> None:
@@ -156,14 +271,21 @@ def _constants_as_initializers(model: onnx.ModelProto) -> None:
     g.node.extend(keep)
 
 
-def close_gaps(model: onnx.ModelProto, shapes: dict[str, tuple[int | None, ...]]) -> onnx.ModelProto:
-    """A copy of ``model`` (shapes inferred) that onnx2torch converts: see the module docstring."""
+def close_gaps(
+    model: onnx.ModelProto,
+    shapes: dict[str, tuple[int | None, ...]],
+    elem_types: dict[str, int] | None = None,
+) -> onnx.ModelProto:
+    """A copy of ``model`` (shapes inferred; ``elem_types``: tensor element types, float32 where
+    missing) that onnx2torch converts: see the module docstring."""
     m = copy.deepcopy(model)
     _constants_as_initializers(m)
+    _decompose_gelu(m, elem_types or {})
     for node in m.graph.node:
         if node.op_type in _AUTO_PAD_OPS:
             _explicit_pads(node, shapes)
     if default_opset(m) > TARGET_OPSET:
+        _split_as_slices(m, shapes)
         try:
             m = onnx.version_converter.convert_version(m, TARGET_OPSET)
         except Exception as e:  # onnx raises several types; the adapter that failed is in the message
@@ -218,6 +340,7 @@ class Replica(torch.nn.Module):
     ``forward(x)`` takes the model input (B, C, H, W) or (B, H, W, C) as the ONNX graph does and
     returns a dict: ``"logits"`` (B, K) and each exposed tensor by its ONNX name (e.g. the taps).
     Weights are frozen (``requires_grad=False``) and in eval mode; ``.double()`` gives a float64 replica.
+    A float16/bfloat16 graph gets a float32 replica (of its rounded weights), fed float32 inputs.
     """
 
     def __init__(self, module: torch.nn.Module, outputs: list[str], logits_name: str) -> None:
@@ -242,7 +365,7 @@ def build_replica(graph: TeacherGraph, taps: list[TapInfo] | None = None) -> Rep
     """The replica of ``graph`` with the ``taps`` as extra outputs; KdpipeError (one line) when a node
     cannot be converted."""
     names = [t.name for t in taps or []]
-    model = close_gaps(expose(graph.model, names, graph.elem_types), graph.shapes)
+    model = close_gaps(expose(graph.model, names, graph.elem_types), graph.shapes, graph.elem_types)
     o2t = _onnx2torch()
     if any(n.op_type in UNSUPPORTED for n in model.graph.node):
         raise _unconvertible(model, o2t, NotImplementedError("detection op"))
@@ -254,6 +377,9 @@ def build_replica(graph: TeacherGraph, taps: list[TapInfo] | None = None) -> Rep
         raise
     except Exception as e:  # NotImplementedError, KeyError, ... from a converter
         raise _unconvertible(model, o2t, e) from e
+    tensors = [*module.parameters(), *module.buffers()]
+    if any(t.dtype in (torch.float16, torch.bfloat16) for t in tensors):
+        module = module.float()  # half weights next to float32 biases do not run; J_T is float32 anyway
     return Replica(module, [o.name for o in model.graph.output], graph.logits_name)
 
 
@@ -262,7 +388,8 @@ def _ort_outputs(graph: TeacherGraph, names: list[str], x: np.ndarray) -> list[n
 
     model = expose(graph.model, names, graph.elem_types)
     sess = make_session(model.SerializeToString(), "cpu", 1, False)
-    return list(sess.run(names, {graph.input.name: x}))
+    feed = np.ascontiguousarray(x, dtype=np.dtype(graph.input.dtype))  # e.g. a float16 teacher
+    return list(sess.run(names, {graph.input.name: feed}))
 
 
 def check_replica(replica: Replica, graph: TeacherGraph, taps: list[TapInfo], x: np.ndarray) -> float:

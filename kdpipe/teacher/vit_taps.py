@@ -7,7 +7,8 @@ distillation token, registers). Tracking, in graph order:
 - seeds: the patch grid is read from the tensor that is reshaped into tokens, never from a square
   root: a Reshape of an NCHW map (B, C, h, w) to (B, C, h*w) followed by a Transpose (0, 2, 1) (torch's
   ``flatten(2).transpose(1, 2)``), or a Reshape of an NHWC map or a patchified tensor (B, h, w, ...)
-  to (B, h*w, D) (Flax/Keras patch embeddings, patchify-by-reshape);
+  to (B, h*w, D) (Flax/Keras patch embeddings, patchify-by-reshape); a 4-D (B, h, w, C) source needs
+  h, w > 1 (a single attention head's (B, T, 1, d) merged back into tokens is no grid);
 - a Concat on the token axis with one tracked input shifts ``start`` by the tokens before it;
 - a Slice of the token axis with constant bounds that keeps every patch token shifts it back;
 - token-wise ops (elementwise ops, LayerNormalization, activations, a MatMul by a weight matrix)
@@ -24,6 +25,7 @@ is remembered for the ``attn`` target.
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from dataclasses import dataclass
 
@@ -180,6 +182,8 @@ class _Tracker:
                 self.channel_first[out] = (h, w)
             return None
         h, w = dims[0], dims[1]
+        if len(src) == 4 and 1 in (h, w):
+            return None  # a single head's (B, T, 1, d) or (B, 1, T, d) merged back into tokens: no grid
         if h * w == n and int(np.prod(dims[2:])) == d and self.layouts.get(node.input[0]) != "NCHW":
             return Tokens(n, d, 0, (h, w))
         return None
@@ -205,8 +209,9 @@ class _Tracker:
             return None
         if axes[0] not in (1, -2) or steps[0] != 1:
             return None
-        s0 = starts[0] + tok.tokens if starts[0] < 0 else starts[0]
-        s1 = min(ends[0] + tok.tokens if ends[0] < 0 else ends[0], tok.tokens)
+        t = tok.tokens  # ONNX: a negative bound counts from the end, then both are clamped to [0, T]
+        s0 = min(max(starts[0] + t if starts[0] < 0 else starts[0], 0), t)
+        s1 = min(max(ends[0] + t if ends[0] < 0 else ends[0], 0), t)
         if s0 > tok.start or s1 < tok.start + tok.patches:
             return None
         return Tokens(s1 - s0, tok.channels, tok.start - s0, tok.grid)
@@ -289,6 +294,12 @@ def blocks(graph: TeacherGraph, tokens: dict[str, Tokens] | None = None) -> list
     return found
 
 
+def is_int(text: str) -> bool:
+    """Whether ``text`` is a plain decimal integer (ASCII digits, optional leading minus): what
+    ``int`` accepts without ValueError, and nothing more (no ``--3``, ``+3``, ``1_0`` or ``²``)."""
+    return re.fullmatch(r"-?[0-9]+", text) is not None
+
+
 def parse_blocks(item: str, count: int, where: str) -> list[int]:
     """1-based block numbers of a ``blocks`` or ``blocks:4,8,12`` tap item (negative: from the end)."""
     if count == 0:
@@ -301,7 +312,7 @@ def parse_blocks(item: str, count: int, where: str) -> list[int]:
     numbers: list[int] = []
     for part in item[len("blocks:") :].split(","):
         p = part.strip()
-        if not p.lstrip("-").isdigit() or int(p) == 0 or abs(int(p)) > count:
+        if not is_int(p) or int(p) == 0 or abs(int(p)) > count:
             raise KdpipeError(
                 f"tap {item!r}: block {p!r} is not a block number; {where} has {count} blocks, "
                 f"numbered 1..{count} (negative numbers count from the last)"
@@ -315,7 +326,7 @@ def group_items(items: list[str]) -> list[str]:
     """Re-join ``blocks:4,8,12`` after a comma split (``["blocks:4", "8", "12"]``)."""
     out: list[str] = []
     for it in items:
-        if out and out[-1].startswith("blocks:") and it.lstrip("-").isdigit():
+        if out and out[-1].startswith("blocks:") and is_int(it):
             out[-1] = f"{out[-1]},{it}"
         else:
             out.append(it)
