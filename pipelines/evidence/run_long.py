@@ -209,7 +209,7 @@ def plan(q: Queue, groups: set[str]) -> None:  # noqa: C901 (a list of runs, in 
     grad = q.add_cache(f"{a}/cache-k8-grad", teacher_cache_args(a, 8, "--targets", "logits,at,pooled,grad"))
     pre = q.add_cache(f"{a}/cache-k8-preact", teacher_cache_args(a, 8, "--taps", PREACT_TEACHER))
     npz = holdout_npz(q.out)
-    fit = q.add_cache("fit/cache-k8", teacher_cache_args(a, 8)[:2] + ["--data", str(npz), "--views", "8",
+    fit = q.add_cache("fit/cache-k8", teacher_cache_args(a, 8)[:3] + ["--data", str(npz), "--views", "8",
                                                                        "--pad", "2", "--flip"])  # fmt: skip
     weak_teacher = q.out / a / "runs" / "teacher-r8-s100" / "student.onnx"
     weak = q.add_cache(f"{a}/cache-k8-weak", teacher_cache_args(a, 8, teacher=str(weak_teacher)),
