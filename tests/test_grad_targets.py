@@ -156,6 +156,27 @@ def test_foreign_teacher_grad_equals_a_float64_replica_checked_by_finite_differe
         assert fd == pytest.approx(float((ref64 * d).sum()), rel=1e-5)
 
 
+def _conv_head_model(middle: list, inits: list, name: str, opset: int) -> onnx.ModelProto:
+    """image (B,3,8,8) -> Conv "w" -> ``middle`` (from "c" to "s") -> global pool -> Gemm "fc" -> 5 logits."""
+    nodes = [
+        helper.make_node("Conv", ["image", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        *middle,
+        helper.make_node("GlobalAveragePool", ["s"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "fc"], ["logits"], name="fc", transB=1),
+    ]
+    g = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 5])],
+        inits,
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
 def _shrink_teacher(path: Path) -> str:
     """Conv -> Shrink -> global pool -> Gemm: runs in onnxruntime, but onnx2torch has no Shrink."""
     rng = np.random.default_rng(0)
@@ -163,23 +184,8 @@ def _shrink_teacher(path: Path) -> str:
         numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
         numpy_helper.from_array(rng.standard_normal((5, 4)).astype(np.float32), "fc"),
     ]
-    nodes = [
-        helper.make_node("Conv", ["image", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-        helper.make_node("Shrink", ["c"], ["s"], name="odd_shrink", lambd=0.5),
-        helper.make_node("GlobalAveragePool", ["s"], ["p"], name="pool"),
-        helper.make_node("Flatten", ["p"], ["f"], name="flat"),
-        helper.make_node("Gemm", ["f", "fc"], ["logits"], name="fc", transB=1),
-    ]
-    g = helper.make_graph(
-        nodes,
-        "shrink",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 5])],
-        inits,
-    )
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
+    middle = [helper.make_node("Shrink", ["c"], ["s"], name="odd_shrink", lambd=0.5)]
+    onnx.save(_conv_head_model(middle, inits, "shrink", 17), str(path))
     return str(path)
 
 
@@ -424,24 +430,11 @@ def test_split_18_becomes_slices_of_the_right_sizes(tmp_path, sizes):
     if sizes is not None:
         inits.append(numpy_helper.from_array(np.asarray(sizes, np.int64), "sizes"))
         split_in, attrs = ["c", "sizes"], {"axis": 1}
-    nodes = [
-        helper.make_node("Conv", ["image", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+    middle = [
         helper.make_node("Split", split_in, ["s0", "s1", "s2"], name="split", **attrs),
         helper.make_node("Concat", ["s2", "s0", "s1"], ["s"], name="cat", axis=1),
-        helper.make_node("GlobalAveragePool", ["s"], ["p"], name="pool"),
-        helper.make_node("Flatten", ["p"], ["f"], name="flat"),
-        helper.make_node("Gemm", ["f", "fc"], ["logits"], name="fc", transB=1),
     ]
-    g = helper.make_graph(
-        nodes,
-        "split",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 5])],
-        inits,
-    )
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 8
-    onnx.save(model, str(tmp_path / "split.onnx"))
+    onnx.save(_conv_head_model(middle, inits, "split", 18), str(tmp_path / "split.onnx"))
     graph = load_teacher(str(tmp_path / "split.onnx"))
     x = np.random.default_rng(1).standard_normal((3, 3, 8, 8)).astype(np.float32)
     assert check_replica(build_replica(graph, []), graph, [], x) < 1e-5
