@@ -92,7 +92,7 @@ def plots(table: dict[str, dict[str, list[dict[str, Any]]]]) -> None:
         for n in sorted(names):
             ax.plot(range(1, len(mean_curve(g[n], "val_top1")) + 1), mean_curve(g[n], "val_top1"), label=n)
         ax.set(xlabel="epoch", ylabel="val top-1 % (mean over seeds)", title=f"ResNet-8 on {data}, 30 epochs")
-        ax.set_ylim(bottom=90 if data == "animals" else 85)
+        ax.set_ylim(*((90, 99.5) if data == "animals" else (85, 100.5)))
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         fig.tight_layout()
