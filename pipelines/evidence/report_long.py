@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
+# the fixed-teacher comparison, in table and legend order
+FIXED_RUNS = ("cache-k0-ce", "cache-k0-kd", "cache-k4-kd", "cache-k8-kd", "cache-k16-kd", "cache-k32-kd",
+              "online-fresh-kd")  # fmt: skip
 IMG = ROOT / "docs" / "img"
 
 
@@ -56,9 +59,7 @@ def fixed_rows(g: dict[str, list[dict[str, Any]]]) -> list[str]:
     """The fixed-teacher table: accuracy, where the best epoch was, and the train/val losses at the end."""
     lines = ["| run | seeds | last val top-1 % | best (epoch) | train KD at the end | val loss min -> last "
              "| train top-1 % |", "|---|---|---|---|---|---|---|"]  # fmt: skip
-    order = ["cache-k0-ce", "cache-k0-kd", "cache-k4-kd", "cache-k8-kd", "cache-k16-kd", "cache-k32-kd",
-             "online-fresh-kd"]  # fmt: skip
-    for name in order:
+    for name in FIXED_RUNS:
         rs = g.get(name, [])
         if not rs:
             continue
@@ -99,8 +100,7 @@ def plots(table: dict[str, dict[str, list[dict[str, Any]]]]) -> None:
         fig.savefig(IMG / f"long-curves-{data}.png", dpi=110)
         plt.close(fig)
     g = table.get("animals", {})
-    fixed = [n for n in ("cache-k0-ce", "cache-k0-kd", "cache-k4-kd", "cache-k8-kd", "cache-k16-kd",
-                         "cache-k32-kd", "online-fresh-kd") if n in g]  # fmt: skip
+    fixed = [n for n in FIXED_RUNS if n in g]
     if fixed:
         fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
         for n in fixed:
