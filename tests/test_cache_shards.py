@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -113,6 +114,25 @@ def test_one_shard_has_one_writer(tmp_path):
     kc.create_or_resume(tmp_path / "c", m, (0, 2)).close()  # the other shard is free
     w.close()
     kc.create_or_resume(tmp_path / "c", m, (1, 2)).close()  # released
+
+
+def test_a_complete_shard_opens_while_another_process_holds_it(tmp_path):
+    """Two jobs rerun on a finished cache: the second finds nothing to do instead of failing."""
+    m = make_manifest(num_samples=12, chunk_size=5)
+    write_shard(str(tmp_path / "c"), m, (0, 1))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import kdpipe.cache as kc, sys, time\n"
+         f"w = kc.create_or_resume({str(tmp_path / 'c')!r}, {m!r}, (0, 1))\nprint('held', flush=True)\n"
+         "sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        w = kc.create_or_resume(tmp_path / "c", m, (0, 1))
+        assert w.complete and w.pending_chunks() == []
+        w.finish()  # already sealed: nothing is rewritten
+        assert kc.verify(tmp_path / "c") == []
+    finally:
+        holder.communicate("", timeout=30)
 
 
 def test_numpy_alone_reads_the_sharded_cache(sharded):

@@ -44,7 +44,8 @@ def _disk_error(path: Path, need: int, e: OSError) -> KdpipeError:
 
 
 def _lock(shard_dir: Path) -> int | None:
-    """An exclusive advisory lock on the shard (released by the kernel when the process dies)."""
+    """An exclusive advisory lock on the shard (released by the kernel when the process dies); None
+    without one: on a filesystem without flock, or when the shard is complete (sealed COMPLETE.json)."""
     import fcntl
 
     fd = os.open(shard_dir / fmt.LOCK, os.O_RDWR | os.O_CREAT, 0o644)
@@ -53,6 +54,8 @@ def _lock(shard_dir: Path) -> int | None:
     except BlockingIOError:
         holder = os.pread(fd, 200, 0).decode("ascii", "replace").strip()
         os.close(fd)
+        if fmt.sealed_ok(fmt.read_json(shard_dir / fmt.COMPLETE)):
+            return None  # a finished shard is never written again: a second opener only reads it
         raise KdpipeError(
             f"cache shard {shard_dir} is being written by another process ({holder or 'unknown'}); "
             "wait for it to finish or stop it, then rerun"

@@ -3,6 +3,7 @@
     python pipelines/evidence/run_long.py --jobs 2 --out out/long                 # the queue, in order
     python pipelines/evidence/run_long.py --jobs 2 --out out/long --only fixed,weak
     python pipelines/evidence/run_long.py --report --out out/long                 # tables, plots -> docs/
+    python pipelines/evidence/run_long.py --restore docs/results-long.json --out out/long  # a new machine
 
 30 epochs (``--epochs``), batch 128, lr 0.05 cosine, 1 torch thread per run; ``--jobs`` runs that many
 at once (one per core). Groups, in the order the queue runs them (``--list`` prints the queue):
@@ -104,11 +105,13 @@ class Queue:
             kdpipe("cache-teacher", *args, "--out", str(path), "--threads", "1", "--no-spin", "--no-progress")
 
     def run(self, job: Job) -> None:
+        run = self.out / job.data / "runs" / job.name
+        if (run / "summary.json").exists():  # before the caches: a finished run needs none of them
+            return
         for name in job.after:
             self.futures[name].result()
         for key in job.caches:
             self.ensure_cache(key)
-        run = self.out / job.data / "runs" / job.name
         wait_for_others("distill", run)
         if (run / "summary.json").exists():
             return
@@ -207,6 +210,26 @@ def best_remedy(out: Path) -> str | None:
     return None if best == "paper" else best
 
 
+def restore(record: Path, out: Path) -> None:
+    """Recreate the finished runs of a committed docs/results-long.json under OUT (summary.json and
+    metrics.jsonl; no checkpoints), so a queue on a new machine skips them and --report keeps them.
+    Runs with an export (the weak teacher, whose ONNX a cache needs) are not restored: they rerun."""
+    n = 0
+    for data, groups in json.loads(record.read_text()).items():
+        for name, runs in groups.items():
+            for r in runs:
+                run = out / data / "runs" / f"{name}-s{r['run_seed']}"
+                if name.startswith("teacher-") or (run / "summary.json").exists():
+                    continue
+                run.mkdir(parents=True, exist_ok=True)
+                curve = r.pop("curve")
+                r.pop("run_seed")
+                (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in curve))
+                (run / "summary.json").write_text(json.dumps(r | {"restored_from": str(record)}, indent=1))
+                n += 1
+    print(f"restored {n} runs from {record} into {out}")
+
+
 def plan(q: Queue, groups: set[str]) -> None:  # noqa: C901 (a list of runs, in queue order)
     a = "animals"
     main = q.add_cache(f"{a}/cache-k8", teacher_cache_args(a, 8))
@@ -266,12 +289,19 @@ def plan(q: Queue, groups: set[str]) -> None:  # noqa: C901 (a list of runs, in 
         add(Job("preact", a, f"preact-k8-at-s{seed}", student_args(a, pre, "resnet8", "at", seed,
                 "--student-taps", PREACT_STUDENT), [f"{a}/cache-k8-preact"]))  # fmt: skip
 
+    def grad_at(data: str, cache: str, seed: int) -> None:
+        args = student_args(data, cache, "resnet8", "grad-at", seed)
+        add(Job("methods" if data == a else "digits", data, f"cache-k8-grad-at-s{seed}", args,
+                [f"{data}/cache-k8-grad"]))  # fmt: skip
+
     def digits(seed: int) -> None:
         d = "digits"
         dc = q.add_cache(f"{d}/cache-k8", teacher_cache_args(d, 8))
+        dg = q.add_cache(f"{d}/cache-k8-grad", teacher_cache_args(d, 8, "--targets", "logits,at,pooled,grad"))
         for m in METHODS:
             add(Job("digits", d, f"cache-k8-{m}-s{seed}", student_args(d, dc, "resnet8", m, seed),
                     [f"{d}/cache-k8"]))  # fmt: skip
+        grad_at(d, dg, seed)
 
     queue: list[tuple[str, Callable[[], None]]] = [
         ("methods", lambda: methods(0)),
@@ -285,12 +315,16 @@ def plan(q: Queue, groups: set[str]) -> None:  # noqa: C901 (a list of runs, in 
         ("methods", lambda: methods(1, names=["dct", "dct+kd", "afd+kd"])),
         ("methods", lambda: methods(2, names=["ce", "kd", "at", "at+kd"])),
         ("methods", lambda: methods(2, names=["dct", "dct+kd", "afd+kd"])),
-        ("methods", lambda: add(Job("methods", a, "cache-k8-grad-at-s0",
-                                    student_args(a, grad, "resnet8", "grad-at", 0), [f"{a}/cache-k8-grad"]))),
-        ("digits", lambda: [digits(s) for s in (0, 1, 2)]),
-        ("preact", lambda: [preact(s) for s in (1, 2)]),
+        ("methods", lambda: [grad_at(a, grad, s) for s in (0, 1, 2)]),
+        ("digits", lambda: digits(0)),
+        ("digits", lambda: digits(1)),
         ("fixed", lambda: fixed(1)),
-        ("weak", lambda: [weak_runs(s) for s in (1, 2)]),
+        ("weak", lambda: weak_runs(1)),
+        ("preact", lambda: preact(1)),
+        ("digits", lambda: digits(2)),
+        ("weak", lambda: weak_runs(2)),
+        ("preact", lambda: preact(2)),
+        ("fixed", lambda: fixed(2)),
         ("methods", lambda: methods(0, WIDE, ["kd", "at+kd"])),
     ]  # fmt: skip
     for group, fn in queue:
@@ -306,8 +340,12 @@ def main() -> None:
     ap.add_argument("--only", default="methods,fixed,holdout,remedy,weak,preact,digits")
     ap.add_argument("--list", action="store_true", help="print the queue and stop")
     ap.add_argument("--report", action="store_true")
+    ap.add_argument("--restore", metavar="JSON", help="recreate the finished runs of a results-long.json")
     a = ap.parse_args()
     out = Path(a.out)
+    if a.restore:
+        restore(Path(a.restore), out)
+        return
     if a.report:
         from report_long import report
 
