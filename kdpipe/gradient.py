@@ -59,9 +59,9 @@ class GradForm:
         return j
 
 
-def parse_form(text: str, side: int | None = None) -> GradForm:
-    """``--grad-form`` text -> GradForm; KdpipeError names the part that is wrong. ``side``: the
-    input side (px), to refuse a pool larger than the image."""
+def parse_form(text: str, size: tuple[int, int] | None = None) -> GradForm:
+    """``--grad-form`` text -> GradForm; KdpipeError names the part that is wrong. ``size``: the
+    teacher input (height, width) in px, to refuse a pool larger than either side."""
     csum, pool = False, 0
     for part in [p.strip() for p in text.lower().split("+") if p.strip()] or [""]:
         kind, _, k = part.partition(":")
@@ -73,8 +73,11 @@ def parse_form(text: str, side: int | None = None) -> GradForm:
             pool = int(k)
         else:
             raise KdpipeError(f"--grad-form {text!r}: {part!r} is not understood; use {FORMS_HELP}")
-    if pool and side is not None and pool > side:
-        raise KdpipeError(f"--grad-form {text!r}: pool:{pool} is larger than the {side} px input")
+    if pool and size is not None and pool > min(size):
+        raise KdpipeError(
+            f"--grad-form {text!r}: pool:{pool} is larger than the {size[0]}x{size[1]} px input; "
+            f"use pool:{min(size)} or less"
+        )
     return GradForm(csum, pool)
 
 

@@ -14,8 +14,9 @@ from kdpipe.errors import KdpipeError
 
 
 def evenly_spaced(count: int, k: int) -> list[int]:
-    """``k`` of ``count`` indices (0-based), evenly spaced, ending at the last: round((j+1)*count/k) - 1."""
-    return [int((j + 1) * count / k + 0.5) - 1 for j in range(k)]
+    """``k`` of ``count`` indices (0-based), evenly spaced, ending at the last: (j+1)*count/k rounded
+    to the nearest integer, halves up (not Python's round-half-even), minus 1; in integers, exactly."""
+    return [(2 * (j + 1) * count + k) // (2 * k) - 1 for j in range(k)]
 
 
 def pair_indices(n_student: int, n_teacher: int) -> tuple[list[int], list[int]]:

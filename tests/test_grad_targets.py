@@ -269,13 +269,20 @@ def _small_job(tmp_path: Path) -> list[str]:
 @pytest.mark.parametrize(
     ("form", "words"),
     [("pool:0", "'pool:0' is not understood"), ("csum+csum", "'csum' is not understood"),
-     ("pool:99", "larger than the 8 px input"), ("max", "'max' is not understood")],
+     ("pool:99", "larger than the 8x8 px input"), ("max", "'max' is not understood")],
 )  # fmt: skip
 def test_a_bad_grad_form_is_one_line(tmp_path, form, words):
     args = _small_job(tmp_path)
     r = CliRunner().invoke(cli, [*args, "--targets", "grad", "--grad-form", form, "--no-progress"])
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and words in r.stderr, r.output
     assert not (tmp_path / "c").exists()
+
+
+def test_pool_is_checked_against_the_shorter_side():
+    """A 12x8 (h x w) input: pool:10 would average over less than one pixel of width."""
+    assert parse_form("pool:8", (12, 8)).pool == 8
+    with pytest.raises(KdpipeError, match="larger than the 12x8 px input; use pool:8 or less"):
+        parse_form("pool:10", (12, 8))
 
 
 def test_estimate_counts_the_grad_bytes(tmp_path):

@@ -80,6 +80,20 @@ def test_blocks_spec_and_module_paths(exporter):
         resolve_taps(load_teacher(M.export("resnet", "legacy", True)), "blocks:1")
 
 
+def test_evenly_spaced_pairs_round_halves_up_in_exact_arithmetic():
+    """Against Fractions: (j+1)*count/k to the nearest integer, halves up, minus 1."""
+    from fractions import Fraction
+
+    from kdpipe.pairing import evenly_spaced, pair_indices
+
+    for count in range(1, 60):
+        for k in range(1, count + 1):
+            ref = [int(Fraction((j + 1) * count, k) + Fraction(1, 2)) - 1 for j in range(k)]
+            assert evenly_spaced(count, k) == ref, (count, k)
+    assert evenly_spaced(12, 8) == [1, 2, 4, 5, 7, 8, 10, 11]  # 1.5 -> 2, 4.5 -> 5, 7.5 -> 8, 10.5 -> 11
+    assert pair_indices(3, 12) == ([0, 1, 2], [3, 7, 11])
+
+
 def test_malformed_numbers_in_tap_specs_are_one_line():
     # "--2" and "²" once passed the digit check and raised int()'s ValueError (a traceback)
     from kdpipe.pairing import select_cached
@@ -283,6 +297,19 @@ def test_token_clip_takes_the_nearest_rank_of_the_decimal_quantile():
         np.testing.assert_allclose(clip_maps(m.reshape(3, 1, n), q).reshape(3, n), ref, rtol=1e-6)
     out = clip_maps(maps[:0], 0.9)
     assert out.shape == (0, 10, 10) and out.dtype == np.float32
+
+
+def test_outlier_stats_against_float64_numpy_and_on_an_empty_batch():
+    from kdpipe.teacher.outliers import outlier_stats
+
+    maps = np.random.default_rng(1).random((4, 6, 6)) + 0.01
+    flat = maps.reshape(4, 36)
+    top = np.mean([(r**2).max() / (r**2).sum() for r in flat])
+    ratio = np.mean([r.max() / np.median(r) for r in flat])
+    got = outlier_stats(maps.astype(np.float32))
+    np.testing.assert_allclose([got["top_cell_mass"], got["max_over_median"]], [top, ratio], rtol=1e-6)
+    with pytest.raises(KdpipeError, match="the batch given is empty"):
+        outlier_stats(maps[:0])
 
 
 @pytest.mark.parametrize("start", [0, -5, -1000, -(2**62)])

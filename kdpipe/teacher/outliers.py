@@ -43,6 +43,8 @@ def clip_maps(maps: np.ndarray, q: float) -> np.ndarray:
 def outlier_stats(maps: np.ndarray) -> dict[str, float]:
     """How much a few cells dominate normalised maps (N, h, w): the mean share of the squared L2 mass
     in each sample's largest cell, and the mean ratio of the largest cell to the median cell."""
+    if len(maps) == 0:
+        raise KdpipeError("outlier statistics need at least one map; the batch given is empty")
     a = np.asarray(maps, dtype=np.float64).reshape(len(maps), -1)
     mass = a * a
     top = mass.max(axis=1) / np.maximum(mass.sum(axis=1), 1e-300)
