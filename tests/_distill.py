@@ -191,8 +191,19 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
-def run_proc(args: list[str], **kw: Any) -> subprocess.CompletedProcess:
-    """The installed `kdpipe` console script as a real process."""
-    return subprocess.run(
-        [KDPIPE, *args], capture_output=True, text=True, env=subprocess_env(), timeout=120, **kw
-    )
+def run_proc(args: list[str], timeout: float = 120, **kw: Any) -> subprocess.CompletedProcess:
+    """The installed `kdpipe` console script as a real process, in its own process group: on a
+    timeout the whole group is killed (its DataLoader workers too, which hold the output pipes)."""
+    import signal
+
+    with subprocess.Popen(
+        [KDPIPE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
+        start_new_session=True, **kw,
+    ) as p:  # fmt: skip
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            out, err = p.communicate()
+            raise subprocess.TimeoutExpired(p.args, timeout, out, err) from None
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
