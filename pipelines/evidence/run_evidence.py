@@ -31,10 +31,12 @@ GRAD_RUNS = {"ce": ("ce",), "grad-at": ("grad-at",), "grad-at+at": ("grad-at+at"
 STUDENT = "resnet8"
 
 
-def kdpipe(*args: str) -> None:
+def kdpipe(*args: str, quiet: bool = False) -> None:
+    """Run ``python -m kdpipe ARGS``, echoing the command; ``quiet``: its stdout is dropped (the
+    run's files hold the results), stderr still shows."""
     cmd = [sys.executable, "-m", "kdpipe", *args]
     print("+ kdpipe " + " ".join(args), flush=True)
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL if quiet else None)
 
 
 # the storage of caches before issue 13: D stored, float32 pooled vectors and logits

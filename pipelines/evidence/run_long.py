@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import threading
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from run_evidence import kdpipe
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "pipelines" / "demo"
@@ -47,6 +47,7 @@ METHODS = ["ce", "kd", "at", "at+kd", "dct", "dct+kd", "afd+kd"]
 WIDE = "wrn_16_2"
 PREACT_TEACHER = "add_112,add_230,add_348"  # the Add before each stage's last ReLU (kdpipe inspect)
 PREACT_STUDENT = "layer1.0.preact,layer2.0.preact,layer3.0.preact"
+GRAD_TARGETS = "logits,at,pooled,grad"
 # AT remedies scored on the held-out part of the training split
 REMEDIES = {
     "paper": (),
@@ -102,7 +103,8 @@ class Queue:
                 return
             except Exception:  # absent or incomplete: (re)run; cache-teacher resumes a partial one
                 pass
-            kdpipe("cache-teacher", *args, "--out", str(path), "--threads", "1", "--no-spin", "--no-progress")
+            flags = ["--out", str(path), "--threads", "1", "--no-spin", "--no-progress"]
+            kdpipe("cache-teacher", *args, *flags, quiet=True)
 
     def run(self, job: Job) -> None:
         run = self.out / job.data / "runs" / job.name
@@ -123,7 +125,7 @@ class Queue:
             return
         kdpipe("distill", *args, "--epochs", str(self.epochs), "--batch-size", "128", "--lr", "0.05",
                "--workers", "1", "--threads", "1", "--no-progress", "--out", str(run),
-               *([] if job.export else ["--no-export"]))  # fmt: skip
+               *([] if job.export else ["--no-export"]), quiet=True)  # fmt: skip
 
     def start(self, jobs: int) -> None:
         with ThreadPoolExecutor(max_workers=jobs) as pool:
@@ -160,11 +162,6 @@ def wait_for_others(command: str, out: Path) -> None:
         if not live:
             return
         time.sleep(10)
-
-
-def kdpipe(*args: str) -> None:
-    print("+ kdpipe " + " ".join(args), flush=True)
-    subprocess.run([sys.executable, "-m", "kdpipe", *args], check=True, stdout=subprocess.DEVNULL)
 
 
 def teacher_cache_args(data: str, views: int, *extra: str, teacher: str | None = None) -> list[str]:
@@ -230,106 +227,121 @@ def restore(record: Path, out: Path) -> None:
     print(f"restored {n} runs from {record} into {out}")
 
 
-def plan(q: Queue, groups: set[str]) -> None:  # noqa: C901 (a list of runs, in queue order)
-    a = "animals"
-    main = q.add_cache(f"{a}/cache-k8", teacher_cache_args(a, 8))
-    caches = {k: q.add_cache(f"{a}/cache-k{k}", teacher_cache_args(a, k)) for k in (0, 4, 16, 32)}
-    grad = q.add_cache(f"{a}/cache-k8-grad", teacher_cache_args(a, 8, "--targets", "logits,at,pooled,grad"))
-    pre = q.add_cache(f"{a}/cache-k8-preact", teacher_cache_args(a, 8, "--taps", PREACT_TEACHER))
-    npz = holdout_npz(q.out)
-    fit = q.add_cache("fit/cache-k8", teacher_cache_args(a, 8)[:3] + ["--data", str(npz), "--views", "8",
-                                                                       "--pad", "2", "--flip"])  # fmt: skip
-    weak_teacher = q.out / a / "runs" / "teacher-r8-s100" / "student.onnx"
-    weak = q.add_cache(f"{a}/cache-k8-weak", teacher_cache_args(a, 8, teacher=str(weak_teacher)),
-                       after=("teacher-r8-s100",))  # fmt: skip
-    add = q.jobs.append
+A = "animals"
 
-    def methods(seed: int, student: str = "resnet8", names: list[str] = METHODS) -> None:
+
+class Plan:
+    """The runs of each group, added to a Queue in the order ``order()`` gives (``--list`` shows it)."""
+
+    def __init__(self, q: Queue) -> None:
+        self.q, self.add = q, q.jobs.append
+        self.main = q.add_cache(f"{A}/cache-k8", teacher_cache_args(A, 8))
+        self.k = {k: q.add_cache(f"{A}/cache-k{k}", teacher_cache_args(A, k)) for k in (0, 4, 16, 32)}
+        self.grad = q.add_cache(f"{A}/cache-k8-grad", teacher_cache_args(A, 8, "--targets", GRAD_TARGETS))
+        self.pre = q.add_cache(f"{A}/cache-k8-preact", teacher_cache_args(A, 8, "--taps", PREACT_TEACHER))
+        self.npz = holdout_npz(q.out)
+        fit_data = ["--data", str(self.npz), "--views", "8", "--pad", "2", "--flip"]
+        self.fit = q.add_cache("fit/cache-k8", teacher_cache_args(A, 8)[:3] + fit_data)
+        weak_teacher = q.out / A / "runs" / "teacher-r8-s100" / "student.onnx"
+        self.weak = q.add_cache(f"{A}/cache-k8-weak", teacher_cache_args(A, 8, teacher=str(weak_teacher)),
+                                after=("teacher-r8-s100",))  # fmt: skip
+
+    def methods(self, seed: int, student: str = "resnet8", names: list[str] = METHODS) -> None:
         prefix = "" if student == "resnet8" else f"{student}-"
         for m in names:
-            add(Job("methods", a, f"{prefix}cache-k8-{m}-s{seed}", student_args(a, main, student, m, seed),
-                    [f"{a}/cache-k8"]))  # fmt: skip
+            args = student_args(A, self.main, student, m, seed)
+            self.add(Job("methods", A, f"{prefix}cache-k8-{m}-s{seed}", args, [f"{A}/cache-k8"]))
 
-    def fixed(seed: int) -> None:
-        add(Job("fixed", a, f"cache-k0-ce-s{seed}", student_args(a, caches[0], "resnet8", "ce", seed),
-                [f"{a}/cache-k0"]))  # fmt: skip
-        for k in (0, 4, 16, 32):
-            add(Job("fixed", a, f"cache-k{k}-kd-s{seed}", student_args(a, caches[k], "resnet8", "kd", seed),
-                    [f"{a}/cache-k{k}"]))  # fmt: skip
-        online = ["--online-teacher", str(DEMO / "teacher-animals.onnx"), "--teacher-card",
-                  str(DEMO / "teacher-animals.yaml"), "--data", a, "--val-data", f"{a}:val", "--student",
-                  "resnet8", "--method", "kd", "--seed", str(seed), "--views", str(q.epochs), "--augment",
-                  "pad-crop", "--view-pad", "2"]  # fmt: skip
-        add(Job("fixed", a, f"online-fresh-kd-s{seed}", online))
-
-    def holdout() -> None:
-        base = ["--cache", fit, "--data", str(npz), "--val-data", f"{npz}:val", "--student", "resnet8"]
-        add(Job("holdout", "fit", "fit-ce-s0", [*base, "--method", "ce", "--seed", "0"], ["fit/cache-k8"]))
-        for name, extra in REMEDIES.items():
-            add(Job("holdout", "fit", f"fit-at-{name}-s0", [*base, "--method", "at", "--seed", "0", *extra],
-                    ["fit/cache-k8"]))  # fmt: skip
-
-    def remedy(seed: int) -> None:
-        def args() -> list[str] | None:
-            best = best_remedy(q.out)
-            return None if best is None else student_args(a, main, "resnet8", "at", seed, *REMEDIES[best])
-
-        add(Job("remedy", a, f"cache-k8-at-remedy-s{seed}", args, [f"{a}/cache-k8"],
-                after=[f"fit-at-{n}-s0" for n in REMEDIES]))  # fmt: skip
-
-    def weak_runs(seed: int, names: tuple[str, ...] = ("kd", "at", "at+kd")) -> None:
-        if not any(j.name == "teacher-r8-s100" for j in q.jobs):
-            add(Job("weak", a, "teacher-r8-s100", student_args(a, main, "resnet8", "ce", 100),
-                    [f"{a}/cache-k8"], export=True))  # fmt: skip
-        for m in names:
-            add(Job("weak", a, f"weak-k8-{m}-s{seed}", student_args(a, weak, "resnet8", m, seed),
-                    [f"{a}/cache-k8-weak"]))  # fmt: skip
-
-    def preact(seed: int) -> None:
-        add(Job("preact", a, f"preact-k8-at-s{seed}", student_args(a, pre, "resnet8", "at", seed,
-                "--student-taps", PREACT_STUDENT), [f"{a}/cache-k8-preact"]))  # fmt: skip
-
-    def grad_at(data: str, cache: str, seed: int) -> None:
+    def grad_at(self, data: str, seed: int) -> None:
+        cache = self.grad if data == A else self.q.add_cache(f"{data}/cache-k8-grad", teacher_cache_args(
+            data, 8, "--targets", GRAD_TARGETS))  # fmt: skip
         args = student_args(data, cache, "resnet8", "grad-at", seed)
-        add(Job("methods" if data == a else "digits", data, f"cache-k8-grad-at-s{seed}", args,
-                [f"{data}/cache-k8-grad"]))  # fmt: skip
+        self.add(Job("methods" if data == A else "digits", data, f"cache-k8-grad-at-s{seed}", args,
+                     [f"{data}/cache-k8-grad"]))  # fmt: skip
 
-    def digits(seed: int) -> None:
+    def fixed(self, seed: int) -> None:
+        args = student_args(A, self.k[0], "resnet8", "ce", seed)
+        self.add(Job("fixed", A, f"cache-k0-ce-s{seed}", args, [f"{A}/cache-k0"]))
+        for k in (0, 4, 16, 32):
+            args = student_args(A, self.k[k], "resnet8", "kd", seed)
+            self.add(Job("fixed", A, f"cache-k{k}-kd-s{seed}", args, [f"{A}/cache-k{k}"]))
+        online = ["--online-teacher", str(DEMO / "teacher-animals.onnx"), "--teacher-card",
+                  str(DEMO / "teacher-animals.yaml"), "--data", A, "--val-data", f"{A}:val", "--student",
+                  "resnet8", "--method", "kd", "--seed", str(seed), "--views", str(self.q.epochs),
+                  "--augment", "pad-crop", "--view-pad", "2"]  # fmt: skip
+        self.add(Job("fixed", A, f"online-fresh-kd-s{seed}", online))
+
+    def holdout(self) -> None:
+        base = ["--cache", self.fit, "--data", str(self.npz), "--val-data", f"{self.npz}:val", "--student",
+                "resnet8"]  # fmt: skip
+        ce = [*base, "--method", "ce", "--seed", "0"]
+        self.add(Job("holdout", "fit", "fit-ce-s0", ce, ["fit/cache-k8"]))
+        for name, extra in REMEDIES.items():
+            args = [*base, "--method", "at", "--seed", "0", *extra]
+            self.add(Job("holdout", "fit", f"fit-at-{name}-s0", args, ["fit/cache-k8"]))
+
+    def remedy(self, seed: int) -> None:
+        def args() -> list[str] | None:
+            best = best_remedy(self.q.out)
+            if best is None:
+                return None
+            return student_args(A, self.main, "resnet8", "at", seed, *REMEDIES[best])
+
+        self.add(Job("remedy", A, f"cache-k8-at-remedy-s{seed}", args, [f"{A}/cache-k8"],
+                     after=[f"fit-at-{n}-s0" for n in REMEDIES]))  # fmt: skip
+
+    def weak_runs(self, seed: int, names: tuple[str, ...] = ("kd", "at", "at+kd")) -> None:
+        if not any(j.name == "teacher-r8-s100" for j in self.q.jobs):
+            args = student_args(A, self.main, "resnet8", "ce", 100)
+            self.add(Job("weak", A, "teacher-r8-s100", args, [f"{A}/cache-k8"], export=True))
+        for m in names:
+            args = student_args(A, self.weak, "resnet8", m, seed)
+            self.add(Job("weak", A, f"weak-k8-{m}-s{seed}", args, [f"{A}/cache-k8-weak"]))
+
+    def preact(self, seed: int) -> None:
+        args = student_args(A, self.pre, "resnet8", "at", seed, "--student-taps", PREACT_STUDENT)
+        self.add(Job("preact", A, f"preact-k8-at-s{seed}", args, [f"{A}/cache-k8-preact"]))
+
+    def digits(self, seed: int) -> None:
         d = "digits"
-        dc = q.add_cache(f"{d}/cache-k8", teacher_cache_args(d, 8))
-        dg = q.add_cache(f"{d}/cache-k8-grad", teacher_cache_args(d, 8, "--targets", "logits,at,pooled,grad"))
+        cache = self.q.add_cache(f"{d}/cache-k8", teacher_cache_args(d, 8))
         for m in METHODS:
-            add(Job("digits", d, f"cache-k8-{m}-s{seed}", student_args(d, dc, "resnet8", m, seed),
-                    [f"{d}/cache-k8"]))  # fmt: skip
-        grad_at(d, dg, seed)
+            self.add(Job("digits", d, f"cache-k8-{m}-s{seed}", student_args(d, cache, "resnet8", m, seed),
+                         [f"{d}/cache-k8"]))  # fmt: skip
+        self.grad_at(d, seed)
 
-    queue: list[tuple[str, Callable[[], None]]] = [
-        ("methods", lambda: methods(0)),
-        ("fixed", lambda: fixed(0)),
-        ("holdout", holdout),
-        ("weak", lambda: weak_runs(0)),
-        ("preact", lambda: preact(0)),
-        ("methods", lambda: methods(1, names=["ce", "kd", "at", "at+kd"])),
-        ("methods", lambda: methods(0, WIDE, ["ce", "at"])),
-        ("remedy", lambda: [remedy(s) for s in (0, 1, 2)]),
-        ("methods", lambda: methods(1, names=["dct", "dct+kd", "afd+kd"])),
-        ("methods", lambda: methods(2, names=["ce", "kd", "at", "at+kd"])),
-        ("methods", lambda: methods(2, names=["dct", "dct+kd", "afd+kd"])),
-        ("methods", lambda: [grad_at(a, grad, s) for s in (0, 1, 2)]),
-        ("digits", lambda: digits(0)),
-        ("digits", lambda: digits(1)),
-        ("fixed", lambda: fixed(1)),
-        ("weak", lambda: weak_runs(1)),
-        ("preact", lambda: preact(1)),
-        ("digits", lambda: digits(2)),
-        ("weak", lambda: weak_runs(2)),
-        ("preact", lambda: preact(2)),
-        ("fixed", lambda: fixed(2)),
-        ("methods", lambda: methods(0, WIDE, ["kd", "at+kd"])),
-    ]  # fmt: skip
-    for group, fn in queue:
+    def order(self) -> list[tuple[str, Callable[[], object]]]:
+        """(group, adds its runs): the queue's order, the one the runs were made in."""
+        return [
+            ("methods", lambda: self.methods(0)),
+            ("fixed", lambda: self.fixed(0)),
+            ("holdout", self.holdout),
+            ("weak", lambda: self.weak_runs(0)),
+            ("preact", lambda: self.preact(0)),
+            ("methods", lambda: self.methods(1, names=["ce", "kd", "at", "at+kd"])),
+            ("methods", lambda: self.methods(0, WIDE, ["ce", "at"])),
+            ("remedy", lambda: [self.remedy(s) for s in (0, 1, 2)]),
+            ("methods", lambda: self.methods(1, names=["dct", "dct+kd", "afd+kd"])),
+            ("methods", lambda: self.methods(2, names=["ce", "kd", "at", "at+kd"])),
+            ("methods", lambda: self.methods(2, names=["dct", "dct+kd", "afd+kd"])),
+            ("methods", lambda: [self.grad_at(A, s) for s in (0, 1, 2)]),
+            ("digits", lambda: self.digits(0)),
+            ("digits", lambda: self.digits(1)),
+            ("fixed", lambda: self.fixed(1)),
+            ("weak", lambda: self.weak_runs(1)),
+            ("preact", lambda: self.preact(1)),
+            ("digits", lambda: self.digits(2)),
+            ("weak", lambda: self.weak_runs(2)),
+            ("preact", lambda: self.preact(2)),
+            ("fixed", lambda: self.fixed(2)),
+            ("methods", lambda: self.methods(0, WIDE, ["kd", "at+kd"])),
+        ]
+
+
+def plan(q: Queue, groups: set[str]) -> None:
+    for group, add_runs in Plan(q).order():
         if group in groups:
-            fn()
+            add_runs()
 
 
 def main() -> None:
