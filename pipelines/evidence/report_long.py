@@ -2,12 +2,17 @@
 
 Writes OUT/tables-long.md, docs/results-long.json (every run's summary and per-epoch curves) and
 docs/img/long-*.png. A group's row shows mean ± sample standard deviation over the seeds that finished.
+For the trained students of MAP_SEED that have a checkpoint it also measures how close their
+attention maps are to the teacher's (at_terms.py, OUT/at_terms/RUN.json) and draws their maps beside
+the teacher's (kdpipe show-maps, docs/img/long-maps-animals-SAMPLE.png).
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 FIXED_RUNS = ("cache-k0-ce", "cache-k0-kd", "cache-k4-kd", "cache-k8-kd", "cache-k16-kd", "cache-k32-kd",
               "online-fresh-kd")  # fmt: skip
 IMG = ROOT / "docs" / "img"
+MAP_SEED = 2  # the seed whose checkpoints exist (seeds 0-1 ran in an earlier session, summaries only)
+MAP_RUNS = ("ce", "kd", "at", "at+kd", "dct", "dct+kd", "afd+kd", "grad-at")
+MAP_SAMPLE = 4000
 
 
 def load_runs(out: Path) -> dict[str, dict[str, list[dict[str, Any]]]]:
@@ -121,6 +129,39 @@ def plots(table: dict[str, dict[str, list[dict[str, Any]]]]) -> None:
         plt.close(fig)
 
 
+def at_terms(out: Path) -> list[str]:
+    """The AT distance of each trained student (MAP_RUNS, seed MAP_SEED) to the teacher's cached maps,
+    on 8 batches of cached training views: beta * mean (at_S - at_T)**2 per tap, beta = 1000."""
+    runs, cache = out / "animals" / "runs", out / "animals" / "cache-k8"
+    (out / "at_terms").mkdir(parents=True, exist_ok=True)
+    lines = [
+        "| trained student (30 epochs, seed 2) | CE | AT 28x28 | AT 14x14 | AT 7x7 |",
+        "|---|---|---|---|---|",
+    ]
+    for m in MAP_RUNS:
+        run = runs / f"cache-k8-{m}-s{MAP_SEED}"
+        ckpt, res = run / "checkpoints" / "last.pt", out / "at_terms" / f"{run.name}.json"
+        if not res.exists() and ckpt.exists():
+            script = str(Path(__file__).with_name("at_terms.py"))
+            cmd = [sys.executable, script, str(cache), "--data", "animals", "--checkpoint", str(ckpt)]
+            cmd += ["--out", str(res)]
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        if res.exists():
+            mean = json.loads(res.read_text())["mean"]
+            terms = " | ".join(f"{mean[f'at.{i}']:.3f}" for i in range(3))
+            lines.append(f"| `{m}` | {mean['ce']:.3f} | {terms} |")
+    return lines
+
+
+def maps_figure(out: Path) -> None:
+    runs = [out / "animals" / "runs" / f"cache-k8-{m}-s{MAP_SEED}" for m in ("ce", "at", "at+kd")]
+    if all((r / "checkpoints" / "last.pt").exists() for r in runs):
+        args = [str(out / "animals" / "cache-k8"), "--sample", str(MAP_SAMPLE)]
+        args += [x for r in runs for x in ("--run", str(r))]
+        subprocess.run([sys.executable, "-m", "kdpipe", "show-maps", *args, "--out",
+                        str(IMG / f"long-maps-animals-{MAP_SAMPLE}.png")], check=True)  # fmt: skip
+
+
 def report(out: Path, epochs: int) -> None:
     table = load_runs(out)
     (ROOT / "docs" / "results-long.json").write_text(json.dumps(table, indent=1))
@@ -130,6 +171,8 @@ def report(out: Path, epochs: int) -> None:
         lines += [row(n, rs) for n, rs in g.items()]
     if "animals" in table:
         lines += ["\n### fixed teacher\n", *fixed_rows(table["animals"])]
+    lines += ["\n### AT distance to the teacher's maps\n", *at_terms(out)]
     (out / "tables-long.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plots(table)
+    maps_figure(out)
