@@ -182,3 +182,13 @@ def test_fixed_teacher_warning(tmp_path: Path) -> None:
     r = run_ok(distill_args(tmp_path / "run2", "--method", "kd", "--no-export", "--max-steps", "1",
                             cache_path=cached(2, "float16"), epochs=8))  # fmt: skip
     assert "fixed teacher" not in r.stderr
+
+
+def test_a_plain_input_cache_warns_that_training_has_no_augmentation(tmp_path: Path) -> None:
+    plain = cached(0, "float16")
+    r = run_ok(distill_args(tmp_path / "run", "--method", "kd", "--no-export", "--max-steps", "1",
+                            cache_path=plain, epochs=2))  # fmt: skip
+    assert "plain input only" in r.stderr and "without augmentation" in r.stderr and "--views" in r.stderr
+    r = run_ok(distill_args(tmp_path / "run2", "--method", "kd", "--no-export", "--max-steps", "1",
+                            cache_path=plain, epochs=1))  # fmt: skip
+    assert "WARNING" not in r.stderr

@@ -237,6 +237,22 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- set-up
 
 
+def fixed_teacher_warning(epochs: int, teacher: Any, log: Any) -> None:
+    """Warn when a cache's views are reused so often that the teacher's outputs are fixed: a plain-input
+    cache (``--views 0``) over more than one epoch, or more than 4 epochs per cached view."""
+    if teacher.cache is None or not teacher.num_views:
+        return
+    if teacher.policy.kind == "none" and epochs > 1:
+        log(f"WARNING: the cache holds the plain input only (cache-teacher --views 0), so the student "
+            f"trains {epochs} epochs without augmentation on fixed teacher outputs (on animals over 30 "
+            "epochs this cost 0.35-0.5 points of top-1, docs/results.md); cache augmented views "
+            "with --views")  # fmt: skip
+    elif epochs > 4 * teacher.num_views:
+        log(f"WARNING: {epochs} epochs over {teacher.num_views} cached view(s): each view is reused "
+            f"{epochs / teacher.num_views:.0f}x (the 'fixed teacher' regime, known to overfit); "
+            "cache more views with --views")  # fmt: skip
+
+
 def setup(cfg: DistillConfig, world: WorldInfo, log: Log) -> Run:
     """Build every piece of the run, restore a checkpoint on --resume, and say what will be trained."""
     device = pick_device(cfg.device, world)
@@ -289,10 +305,7 @@ def setup(cfg: DistillConfig, world: WorldInfo, log: Log) -> Run:
         (out / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
         for line in describe_taps(cfg.student, method, student, teacher, pairing):
             log(line)
-        if teacher.num_views and cfg.epochs > 4 * teacher.num_views and teacher.cache is not None:
-            log(f"WARNING: {cfg.epochs} epochs over {teacher.num_views} cached view(s): each view is reused "
-                f"{cfg.epochs / teacher.num_views:.0f}x (the 'fixed teacher' regime, known to overfit); "
-                "cache more views with --views")  # fmt: skip
+        fixed_teacher_warning(cfg.epochs, teacher, log)
     if order is not None:
         chunked_order(run, order, dataset, log)
     # after every other check, so that a user mistake never waits for this read
