@@ -229,3 +229,42 @@ def test_plain_cnn_fallback_takes_last_activation_per_resolution(tmp_path):
     assert len(got) == 2
     for g, i in zip(got, (3, 6), strict=True):
         assert abs(g - acts[i]).max() < 1e-6
+
+
+def test_shapes_completed_by_a_dummy_run_are_batch_first_or_left_unknown(tmp_path):
+    """A graph whose Reshape shape is computed at run time: (1, B, 256), batch at axis 1, then its
+    transpose (B, 1, 256). Every (None, ...) shape load_teacher records must hold at batch 3
+    (onnxruntime, every tensor an output); the sequence-first tensor is never recorded batch-first."""
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
+
+    rng = np.random.default_rng(0)
+    consts = {"W": rng.random((4, 3, 3, 3)), "Wl": rng.random((256, 5)), "zero": np.array(0),
+              "ax": np.array([0]), "one": np.array([1]), "m1": np.array([-1]),
+              "flat": np.array([0, -1])}  # fmt: skip
+    init = [
+        numpy_helper.from_array(v.astype(np.float32 if k[0] == "W" else np.int64), k)
+        for k, v in consts.items()
+    ]
+    ops = [("Conv", ["x", "W"], "y", {"pads": [1, 1, 1, 1]}), ("Relu", ["y"], "r", {}),
+           ("Shape", ["r"], "s", {}), ("Gather", ["s", "zero"], "b", {"axis": 0}),
+           ("Unsqueeze", ["b", "ax"], "b1", {}), ("Concat", ["one", "b1", "m1"], "newshape", {"axis": 0}),
+           ("Reshape", ["r", "newshape"], "t", {}), ("Transpose", ["t"], "tt", {"perm": [1, 0, 2]}),
+           ("Reshape", ["tt", "flat"], "f", {}), ("MatMul", ["f", "Wl"], "logits", {})]  # fmt: skip
+    nodes = [helper.make_node(op, ins, [out], **kw) for op, ins, out, kw in ops]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])
+    graph = helper.make_graph(nodes, "seq_first", [x], [y], init)
+    path = tmp_path / "seq_first.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    g = load_teacher(str(path))
+    names = ["y", "r", "t", "tt", "f", "logits"]
+    m = onnx.load(path)
+    m.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names[:-1])
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    real = dict(zip(names, sess.run(names, {"x": rng.random((3, 3, 8, 8)).astype(np.float32)}), strict=True))
+    batch_first = [n for n in names if g.shapes.get(n) is not None and g.shapes[n][0] is None]
+    assert set(batch_first) == {"y", "r", "tt", "f", "logits"}
+    for n in batch_first:
+        assert (3, *g.shapes[n][1:]) == real[n].shape, n
+    assert g.shapes.get("t") is None or g.shapes["t"][0] == 1  # (1, B, 256): the batch is not axis 0

@@ -7,6 +7,7 @@ fail this); otherwise the teacher runs one sample at a time and ``TeacherGraph.b
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import os
@@ -285,7 +286,9 @@ def _batch_works(model: onnx.ModelProto, info: InputInfo, logits: str) -> bool:
 
 
 def _complete_shapes(graph: TeacherGraph) -> None:
-    """Fill in 4-D shapes that shape inference left unknown by one onnxruntime run on a dummy batch."""
+    """Fill in the shapes that shape inference left unknown, by onnxruntime runs on dummy batches of 1
+    and 2: the second shows which axis is the batch (a sequence-first (T, B, C) tensor has it at axis
+    1, and is left unknown, as is a tensor without one), so a recorded (None, ...) is batch-first."""
     unknown = [
         name
         for node in graph.model.graph.node
@@ -310,8 +313,16 @@ def _complete_shapes(graph: TeacherGraph) -> None:
         vals = sess.run(unknown, {graph.input.name: _dummy(graph.input, 1)})
     except Exception:
         return  # leave them unknown: they simply are not offered as taps
-    for name, v in zip(unknown, vals, strict=True):
-        graph.shapes[name] = (None, *v.shape[1:]) if v.ndim > 0 else ()
+    twos = None  # a teacher whose batch is fixed at 1 runs one size only: axis 0 is taken as the batch
+    if graph.input.batch != 1:
+        with contextlib.suppress(Exception):
+            twos = sess.run(unknown, {graph.input.name: _dummy(graph.input, 2)})
+    for i, (name, v) in enumerate(zip(unknown, vals, strict=True)):
+        if v.ndim == 0:
+            graph.shapes[name] = ()
+        elif twos is None or twos[i].shape == (2 * v.shape[0], *v.shape[1:]):
+            graph.shapes[name] = (None, *v.shape[1:])
+        # else the batch is not axis 0 (or the tensor has none): left unknown, so never offered as a tap
 
 
 def load_teacher(path: str, input_size: tuple[int, int] | None = None) -> TeacherGraph:
