@@ -331,10 +331,10 @@ class Plan:
             ("weak", lambda: self.weak_runs(1)),
             ("preact", lambda: self.preact(1)),
             ("digits", lambda: self.digits(2)),
-            ("weak", lambda: self.weak_runs(2)),
             ("preact", lambda: self.preact(2)),
-            ("fixed", lambda: self.fixed(2)),
             ("methods", lambda: self.methods(0, WIDE, ["kd", "at+kd"])),
+            ("weak", lambda: self.weak_runs(2)),
+            ("fixed", lambda: self.fixed(2)),
         ]
 
 
