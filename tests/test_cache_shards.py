@@ -116,21 +116,53 @@ def test_one_shard_has_one_writer(tmp_path):
     kc.create_or_resume(tmp_path / "c", m, (1, 2)).close()  # released
 
 
-def test_a_complete_shard_opens_while_another_process_holds_it(tmp_path):
-    """Two jobs rerun on a finished cache: the second finds nothing to do instead of failing."""
+def _hold(root, m):
+    """A child process that opens shard 0/1 for writing and keeps its lock until stdin closes."""
+    code = (f"import kdpipe.cache as kc, sys\nw = kc.create_or_resume({str(root)!r}, {m!r}, (0, 1))\n"
+            "print('held', flush=True)\nsys.stdin.read()")  # fmt: skip
+    p = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_a_complete_shard_opens_read_only_while_another_process_holds_it(tmp_path):
+    """Two jobs rerun on a finished cache: the second finds nothing to do instead of failing, and
+    changes nothing: the same COMPLETE.json (inode, mtime), the holder's lock line, no writes."""
     m = make_manifest(num_samples=12, chunk_size=5)
-    write_shard(str(tmp_path / "c"), m, (0, 1))
-    holder = subprocess.Popen(
-        [sys.executable, "-c", f"import kdpipe.cache as kc, sys, time\n"
-         f"w = kc.create_or_resume({str(tmp_path / 'c')!r}, {m!r}, (0, 1))\nprint('held', flush=True)\n"
-         "sys.stdin.read()"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    root = tmp_path / "c"
+    write_shard(str(root), m, (0, 1))
+    shard = root / "shards" / "00000-of-00001"
+    holder = _hold(root, m)
     try:
-        assert holder.stdout.readline().strip() == "held"
-        w = kc.create_or_resume(tmp_path / "c", m, (0, 1))
-        assert w.complete and w.pending_chunks() == []
+        done, lock = (shard / "COMPLETE.json").stat(), (shard / "lock").read_text()
+        files = {f.name: f.read_bytes() for f in shard.iterdir()}
+        w = kc.create_or_resume(root, m, (0, 1))
+        assert w.read_only and w.complete and w.pending_chunks() == []
+        with pytest.raises(KdpipeError, match="read-only"):
+            w.write_chunk(0, {})
         w.finish()  # already sealed: nothing is rewritten
-        assert kc.verify(tmp_path / "c") == []
+        after = (shard / "COMPLETE.json").stat()
+        assert (after.st_ino, after.st_mtime_ns) == (done.st_ino, done.st_mtime_ns)
+        assert (shard / "lock").read_text() == lock and f"pid {holder.pid} " in lock
+        assert {f.name: f.read_bytes() for f in shard.iterdir()} == files
+        assert kc.verify(root) == []
+    finally:
+        holder.communicate("", timeout=30)
+
+
+def test_a_sealed_shard_with_missing_journal_lines_stays_locked(tmp_path):
+    """COMPLETE.json alone is not enough: a journal that lacks a chunk means a writer may be redoing it."""
+    m = make_manifest(num_samples=12, chunk_size=5)
+    root = tmp_path / "c"
+    write_shard(str(root), m, (0, 1))
+    journal = root / "shards" / "00000-of-00001" / "journal.jsonl"
+    journal.write_text("".join(journal.read_text().splitlines(keepends=True)[:-1]))
+    holder = _hold(root, m)
+    try:
+        with pytest.raises(KdpipeError, match="being written by another process"):
+            kc.create_or_resume(root, m, (0, 1))
     finally:
         holder.communicate("", timeout=30)
 

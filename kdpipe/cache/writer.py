@@ -43,9 +43,23 @@ def _disk_error(path: Path, need: int, e: OSError) -> KdpipeError:
     )
 
 
+class _Busy(Exception):
+    """The shard's lock is held by another process (``holder``: what it wrote in the lock file)."""
+
+    def __init__(self, holder: str) -> None:
+        self.holder = holder
+
+
+def _busy_error(shard_dir: Path, holder: str) -> KdpipeError:
+    return KdpipeError(
+        f"cache shard {shard_dir} is being written by another process ({holder or 'unknown'}); "
+        "wait for it to finish or stop it, then rerun"
+    )
+
+
 def _lock(shard_dir: Path) -> int | None:
-    """An exclusive advisory lock on the shard (released by the kernel when the process dies); None
-    without one: on a filesystem without flock, or when the shard is complete (sealed COMPLETE.json)."""
+    """An exclusive advisory lock on the shard (released by the kernel when the process dies); None on
+    a filesystem without flock. Raises _Busy when another process holds it."""
     import fcntl
 
     fd = os.open(shard_dir / fmt.LOCK, os.O_RDWR | os.O_CREAT, 0o644)
@@ -54,12 +68,7 @@ def _lock(shard_dir: Path) -> int | None:
     except BlockingIOError:
         holder = os.pread(fd, 200, 0).decode("ascii", "replace").strip()
         os.close(fd)
-        if fmt.sealed_ok(fmt.read_json(shard_dir / fmt.COMPLETE)):
-            return None  # a finished shard is never written again: a second opener only reads it
-        raise KdpipeError(
-            f"cache shard {shard_dir} is being written by another process ({holder or 'unknown'}); "
-            "wait for it to finish or stop it, then rerun"
-        ) from None
+        raise _Busy(holder) from None
     except OSError:  # filesystem without flock support: proceed unlocked
         os.close(fd)
         return None
@@ -90,20 +99,41 @@ class CacheWriter:
         self._lock_fd: int | None = None
         self.shard_dir.mkdir(parents=True, exist_ok=True)
         fmt.fsync_dir(self.shard_dir.parent)
-        self._lock_fd = _lock(self.shard_dir)
+        # read_only: another process holds the lock of a shard that is complete (sealed for this
+        # manifest, every chunk journaled), which is never written again; this writer only reads it
+        self.read_only, holder = False, ""
+        try:
+            self._lock_fd = _lock(self.shard_dir)
+        except _Busy as busy:
+            self.read_only, holder = True, busy.holder
         try:
             self._open_journal()
+            if self.read_only and not self._sealed_and_whole():
+                raise _busy_error(self.shard_dir, holder)
             self._open_files()
         except BaseException:
             self.close()
             raise
 
+    def _sealed_and_whole(self) -> bool:
+        doc = fmt.read_json(self.shard_dir / fmt.COMPLETE)
+        return (
+            fmt.sealed_ok(doc)
+            and doc.get("manifest_seal") == self.manifest.get("seal")
+            and all(c in self._done for c in self.chunks)
+        )
+
     # ------------------------------------------------------------------------------------ opening
     def _open_journal(self) -> None:
         jpath = self.shard_dir / fmt.JOURNAL
         j = fmt.read_journal(jpath)
-        self._journal_fd = os.open(jpath, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
-        if j.torn_tail:  # a crash mid-append: drop the partial line so the next line starts clean
+        if self.read_only:  # no journal: nothing is complete, and the caller says the shard is busy
+            self._journal_fd = os.open(jpath, os.O_RDONLY) if jpath.exists() else -1
+        else:
+            self._journal_fd = os.open(jpath, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        if (
+            j.torn_tail and not self.read_only
+        ):  # a crash mid-append: drop the partial line so the next line starts clean
             os.ftruncate(self._journal_fd, j.good_bytes)
             os.fsync(self._journal_fd)
         self._done = {c: crc for c, crc in j.done.items() if c in self.chunks}
@@ -141,7 +171,7 @@ class CacheWriter:
             free = shutil.disk_usage(self.shard_dir).free
         except OSError:
             free = None
-        if free is not None and need > free:
+        if free is not None and need > free and not self.read_only:
             raise KdpipeError(
                 f"not enough disk space for the cache at {self.path}: shard {self.shard[0]}/{self.shard[1]} "
                 f"needs {need:,} more bytes, {free:,} free; free some space or choose another --out folder"
@@ -149,6 +179,10 @@ class CacheWriter:
         created: list[Path] = []
         try:
             for name, fpath, header, total, exists in plans:
+                if self.read_only:
+                    self._fds[name] = os.open(fpath, os.O_RDONLY)
+                    self._offsets[name] = len(header)
+                    continue
                 fd = os.open(fpath, os.O_RDWR | os.O_CREAT, 0o644)
                 self._fds[name] = fd
                 if not exists:
@@ -228,6 +262,10 @@ class CacheWriter:
         ``nonfinite`` (array -> global sample indices holding NaN/inf, as found by the caller) when
         given. Returns the crc32 of each array's bytes.
         """
+        if self.read_only:
+            raise KdpipeError(
+                f"cache shard {self.shard_dir} is complete and open read-only; nothing to write"
+            )
         if c not in self.chunks:
             raise ValueError(f"write_chunk: chunk {c} is not in shard {self.shard} (chunks {self.chunks})")
         if set(arrays) != set(self.layout.arrays):
