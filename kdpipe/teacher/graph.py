@@ -288,7 +288,9 @@ def _batch_works(model: onnx.ModelProto, info: InputInfo, logits: str) -> bool:
 def _complete_shapes(graph: TeacherGraph) -> None:
     """Fill in the shapes that shape inference left unknown, by onnxruntime runs on dummy batches of 1
     and 2: the second shows which axis is the batch (a sequence-first (T, B, C) tensor has it at axis
-    1, and is left unknown, as is a tensor without one), so a recorded (None, ...) is batch-first."""
+    1, and is left unknown, as are a tensor without one and one with the batch folded into axis 0), so
+    what this records as (None, ...) is batch-first (static inference may still give (None, ...) to a
+    folded (B*T, C) tensor; such a tensor is 2-D and never taken for a map)."""
     unknown = [
         name
         for node in graph.model.graph.node
@@ -320,7 +322,7 @@ def _complete_shapes(graph: TeacherGraph) -> None:
     for i, (name, v) in enumerate(zip(unknown, vals, strict=True)):
         if v.ndim == 0:
             graph.shapes[name] = ()
-        elif twos is None or twos[i].shape == (2 * v.shape[0], *v.shape[1:]):
+        elif twos is None or (v.shape[0] == 1 and twos[i].shape == (2, *v.shape[1:])):  # not (B*T, ...)
             graph.shapes[name] = (None, *v.shape[1:])
         # else the batch is not axis 0 (or the tensor has none): left unknown, so never offered as a tap
 
