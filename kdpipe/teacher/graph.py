@@ -289,8 +289,8 @@ def _complete_shapes(graph: TeacherGraph) -> None:
     """Fill in the shapes that shape inference left unknown, by onnxruntime runs on dummy batches of 1
     and 2: the second shows which axis is the batch (a sequence-first (T, B, C) tensor has it at axis
     1, and is left unknown, as are a tensor without one and one with the batch folded into axis 0), so
-    what this records as (None, ...) is batch-first (static inference may still give (None, ...) to a
-    folded (B*T, C) tensor; such a tensor is 2-D and never taken for a map)."""
+    what this records as (None, ...) is batch-first. Shapes from static inference are kept as they
+    are: there an unknown axis 0 may also be a folded batch."""
     unknown = [
         name
         for node in graph.model.graph.node
