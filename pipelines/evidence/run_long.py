@@ -65,7 +65,12 @@ class Job:
     name: str
     args: list[str] | Callable[[], list[str] | None]  # None: skip the run
     caches: list[str] = field(default_factory=list)
-    after: list[str] = field(default_factory=list)  # job names whose results ``args`` reads
+    after: list[str] = field(default_factory=list)  # "DATA/NAME" of the jobs whose results ``args`` reads
+
+    @property
+    def key(self) -> str:
+        return f"{self.data}/{self.name}"  # names repeat across datasets (cache-k8-ce-s0 on each)
+
     export: bool = False
 
 
@@ -126,17 +131,18 @@ class Queue:
         kdpipe("distill", *args, "--epochs", str(self.epochs), "--batch-size", "128", "--lr", "0.05",
                "--workers", "1", "--threads", "1", "--no-progress", "--out", str(run),
                *([] if job.export else ["--no-export"]), quiet=True)  # fmt: skip
+        check_rerun(self.out, job)
 
     def start(self, jobs: int) -> None:
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             for job in self.jobs:
-                self.futures[job.name] = pool.submit(self.run, job)
+                self.futures[job.key] = pool.submit(self.run, job)
             failed = []
             for job in self.jobs:
                 try:
-                    self.futures[job.name].result()
+                    self.futures[job.key].result()
                 except Exception as e:  # one failed run does not stop the others
-                    failed.append(f"{job.name}: {e}")
+                    failed.append(f"{job.key}: {e}")
         if failed:
             sys.exit("failed runs:\n  " + "\n  ".join(failed))
 
@@ -210,21 +216,43 @@ def best_remedy(out: Path) -> str | None:
 def restore(record: Path, out: Path) -> None:
     """Recreate the finished runs of a committed docs/results-long.json under OUT (summary.json and
     metrics.jsonl; no checkpoints), so a queue on a new machine skips them and --report keeps them.
-    Runs with an export (the weak teacher, whose ONNX a cache needs) are not restored: they rerun."""
+    Runs with an export (the weak teacher, whose ONNX a cache needs) are not restored: they rerun, and
+    their recorded curve goes to OUT/DATA/recorded/, which ``check_rerun`` compares the rerun with."""
     n = 0
     for data, groups in json.loads(record.read_text()).items():
         for name, runs in groups.items():
             for r in runs:
                 run = out / data / "runs" / f"{name}-s{r['run_seed']}"
-                if name.startswith("teacher-") or (run / "summary.json").exists():
+                if name.startswith("teacher-"):
+                    (out / data / "recorded").mkdir(parents=True, exist_ok=True)
+                    (out / data / "recorded" / f"{run.name}.json").write_text(json.dumps(r))
                     continue
-                run.mkdir(parents=True, exist_ok=True)
+                if (run / "summary.json").exists():
+                    continue
+                if run.exists():  # a half-done run: its checkpoints are not the recorded run's
+                    shutil.rmtree(run)
+                run.mkdir(parents=True)
                 curve = r.pop("curve")
                 r.pop("run_seed")
                 (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in curve))
                 (run / "summary.json").write_text(json.dumps(r | {"restored_from": str(record)}, indent=1))
                 n += 1
     print(f"restored {n} runs from {record} into {out}")
+
+
+def check_rerun(out: Path, job: Job) -> None:
+    """A rerun of a restored record (the weak teacher) must give the recorded val curve, or the runs
+    distilled from it would mix two teachers: RuntimeError (its dependants then fail too)."""
+    rec = out / job.data / "recorded" / f"{job.name}.json"
+    if not rec.exists():
+        return
+    was = [e["val_top1"] for e in json.loads(rec.read_text())["curve"]]
+    metrics = (out / job.data / "runs" / job.name / "metrics.jsonl").read_text().splitlines()
+    now = [json.loads(x)["val_top1"] for x in metrics if x.strip()]
+    if now != was:
+        raise RuntimeError(f"{job.key} reran to val top-1 {now[-1:]} but the record says {was[-1:]}: a "
+                           "different teacher; restore its ONNX or rerun all that depend on it")  # fmt: skip
+    print(f"{job.key}: the rerun gives the recorded val curve exactly ({len(now)} epochs)", flush=True)
 
 
 A = "animals"
@@ -244,7 +272,7 @@ class Plan:
         self.fit = q.add_cache("fit/cache-k8", teacher_cache_args(A, 8)[:3] + fit_data)
         weak_teacher = q.out / A / "runs" / "teacher-r8-s100" / "student.onnx"
         self.weak = q.add_cache(f"{A}/cache-k8-weak", teacher_cache_args(A, 8, teacher=str(weak_teacher)),
-                                after=("teacher-r8-s100",))  # fmt: skip
+                                after=(f"{A}/teacher-r8-s100",))  # fmt: skip
 
     def methods(self, seed: int, student: str = "resnet8", names: list[str] = METHODS) -> None:
         prefix = "" if student == "resnet8" else f"{student}-"
@@ -288,7 +316,7 @@ class Plan:
             return student_args(A, self.main, "resnet8", "at", seed, *REMEDIES[best])
 
         self.add(Job("remedy", A, f"cache-k8-at-remedy-s{seed}", args, [f"{A}/cache-k8"],
-                     after=[f"fit-at-{n}-s0" for n in REMEDIES]))  # fmt: skip
+                     after=[f"fit/fit-at-{n}-s0" for n in REMEDIES]))  # fmt: skip
 
     def weak_runs(self, seed: int, names: tuple[str, ...] = ("kd", "at", "at+kd")) -> None:
         if not any(j.name == "teacher-r8-s100" for j in self.q.jobs):
