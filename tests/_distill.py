@@ -202,8 +202,11 @@ def run_proc(args: list[str], timeout: float = 120, **kw: Any) -> subprocess.Com
     ) as p:  # fmt: skip
         try:
             out, err = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
+        except BaseException as e:  # a timeout, or Ctrl-C (which no longer reaches the new session)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
             out, err = p.communicate()
-            raise subprocess.TimeoutExpired(p.args, timeout, out, err) from None
+            if isinstance(e, subprocess.TimeoutExpired):
+                raise subprocess.TimeoutExpired(p.args, timeout, out, err) from None
+            raise
     return subprocess.CompletedProcess(p.args, p.returncode, out, err)

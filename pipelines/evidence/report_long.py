@@ -135,7 +135,7 @@ def at_terms(out: Path) -> list[str]:
     runs, cache = out / "animals" / "runs", out / "animals" / "cache-k8"
     (out / "at_terms").mkdir(parents=True, exist_ok=True)
     lines = [
-        "| trained student (30 epochs, seed 2) | CE | AT 28x28 | AT 14x14 | AT 7x7 |",
+        f"| trained student (seed {MAP_SEED}) | CE | AT 28x28 | AT 14x14 | AT 7x7 |",
         "|---|---|---|---|---|",
     ]
     for m in MAP_RUNS:
@@ -145,7 +145,8 @@ def at_terms(out: Path) -> list[str]:
             script = str(Path(__file__).with_name("at_terms.py"))
             cmd = [sys.executable, script, str(cache), "--data", "animals", "--checkpoint", str(ckpt)]
             cmd += ["--out", str(res)]
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            if subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode != 0:  # the tables still get written
+                print(f"at_terms.py failed on {run.name}; its row is left out", file=sys.stderr)
         if res.exists():
             mean = json.loads(res.read_text())["mean"]
             terms = " | ".join(f"{mean[f'at.{i}']:.3f}" for i in range(3))
@@ -158,8 +159,10 @@ def maps_figure(out: Path) -> None:
     if all((r / "checkpoints" / "last.pt").exists() for r in runs):
         args = [str(out / "animals" / "cache-k8"), "--sample", str(MAP_SAMPLE)]
         args += [x for r in runs for x in ("--run", str(r))]
-        subprocess.run([sys.executable, "-m", "kdpipe", "show-maps", *args, "--out",
-                        str(IMG / f"long-maps-animals-{MAP_SAMPLE}.png")], check=True)  # fmt: skip
+        r = subprocess.run([sys.executable, "-m", "kdpipe", "show-maps", *args, "--out",
+                            str(IMG / f"long-maps-animals-{MAP_SAMPLE}.png")])  # fmt: skip
+        if r.returncode != 0:
+            print("show-maps failed; no maps figure", file=sys.stderr)
 
 
 def report(out: Path, epochs: int) -> None:
