@@ -141,7 +141,7 @@ def at_terms(out: Path) -> list[str]:
     for m in MAP_RUNS:
         run = runs / f"cache-k8-{m}-s{MAP_SEED}"
         ckpt, res = run / "checkpoints" / "last.pt", out / "at_terms" / f"{run.name}.json"
-        if not res.exists() and ckpt.exists():
+        if not res.exists() and ckpt.exists() and (run / "summary.json").exists():  # finished runs only
             script = str(Path(__file__).with_name("at_terms.py"))
             cmd = [sys.executable, script, str(cache), "--data", "animals", "--checkpoint", str(ckpt)]
             cmd += ["--out", str(res)]
@@ -156,7 +156,7 @@ def at_terms(out: Path) -> list[str]:
 
 def maps_figure(out: Path) -> None:
     runs = [out / "animals" / "runs" / f"cache-k8-{m}-s{MAP_SEED}" for m in ("ce", "at", "at+kd")]
-    if all((r / "checkpoints" / "last.pt").exists() for r in runs):
+    if all((r / "summary.json").exists() and (r / "checkpoints" / "last.pt").exists() for r in runs):
         args = [str(out / "animals" / "cache-k8"), "--sample", str(MAP_SAMPLE)]
         args += [x for r in runs for x in ("--run", str(r))]
         r = subprocess.run([sys.executable, "-m", "kdpipe", "show-maps", *args, "--out",
