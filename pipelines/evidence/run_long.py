@@ -338,6 +338,13 @@ class Plan:
                          [f"{d}/cache-k8"]))  # fmt: skip
         self.grad_at(d, seed)
 
+    def digits_remedy(self, seed: int) -> None:
+        """The tap weights that the animals held-out split picked, on digits as they are (not re-tuned)."""
+        d = "digits"
+        cache = self.q.add_cache(f"{d}/cache-k8", teacher_cache_args(d, 8))
+        args = student_args(d, cache, "resnet8", "at", seed, *REMEDIES["taps"])
+        self.add(Job("digits", d, f"cache-k8-at-taps-s{seed}", args, [f"{d}/cache-k8"]))
+
     def order(self) -> list[tuple[str, Callable[[], object]]]:
         """(group, adds its runs): the queue's order, the one the runs were made in."""
         return [
@@ -359,6 +366,7 @@ class Plan:
             ("weak", lambda: self.weak_runs(1)),
             ("preact", lambda: self.preact(1)),
             ("digits", lambda: self.digits(2)),
+            ("digits", lambda: [self.digits_remedy(s) for s in (0, 1, 2)]),
             ("preact", lambda: self.preact(2)),
             ("methods", lambda: self.methods(0, WIDE, ["kd", "at+kd"])),
             ("weak", lambda: self.weak_runs(2)),
