@@ -94,7 +94,7 @@ def plots(table: dict[str, dict[str, list[dict[str, Any]]]]) -> None:
 
     IMG.mkdir(parents=True, exist_ok=True)
     for data, g in table.items():
-        names = [n for n in g if n.startswith("cache-k8-") and n.count("-") == 2 or n == "cache-k8-at-remedy"]
+        names = [n for n in g if n.startswith("cache-k8-")]  # every method on the main cache, and the remedy
         if not names:
             continue
         fig, ax = plt.subplots(figsize=(7, 4.5))
