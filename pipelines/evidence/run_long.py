@@ -369,8 +369,8 @@ class Plan:
             ("digits", lambda: [self.digits_remedy(s) for s in (0, 1, 2)]),
             ("preact", lambda: self.preact(2)),
             ("methods", lambda: self.methods(0, WIDE, ["kd", "at+kd"])),
-            ("weak", lambda: self.weak_runs(2)),
             ("fixed", lambda: self.fixed(2)),
+            ("weak", lambda: self.weak_runs(2)),
         ]
 
 
