@@ -371,6 +371,7 @@ class Plan:
             ("methods", lambda: self.methods(0, WIDE, ["kd", "at+kd"])),
             ("fixed", lambda: self.fixed(2)),
             ("weak", lambda: self.weak_runs(2)),
+            ("methods", lambda: self.methods(1, WIDE, ["ce", "kd"])),
         ]
 
 
