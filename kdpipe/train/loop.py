@@ -245,8 +245,8 @@ def fixed_teacher_warning(epochs: int, teacher: Any, log: Any) -> None:
     if teacher.policy.kind == "none" and epochs > 1:
         log(f"WARNING: the cache holds the plain input only (cache-teacher --views 0), so the student "
             f"trains {epochs} epochs without augmentation on fixed teacher outputs (on animals over 30 "
-            "epochs this cost 0.35-0.5 points of top-1, docs/results.md); cache augmented views "
-            "with --views")  # fmt: skip
+            "epochs this cost the plain student 0.7 points of top-1 and KD 0.25, docs/results.md); "
+            "cache augmented views with --views")  # fmt: skip
     elif epochs > 4 * teacher.num_views:
         log(f"WARNING: {epochs} epochs over {teacher.num_views} cached view(s): each view is reused "
             f"{epochs / teacher.num_views:.0f}x (the 'fixed teacher' regime, known to overfit); "
