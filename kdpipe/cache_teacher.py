@@ -147,7 +147,7 @@ def build_manifest(job: CacheJob, graph: Any, taps: list[Any], spec: Any, datase
             arrays[f"pooled.{i}"] = {"shape": [c], "dtype": job.vec_dtype or "float16", "per": "view"}
         if "attn" in job.targets:
             arrays[f"attn.{i}"] = {"shape": [h, w], "dtype": job.map_dtype, "per": "view"}
-    form = parse_form(job.grad_form, tuple(spec.size))
+    form = parse_form(job.grad_form, (spec.size[0], spec.size[1]))
     if "grad" in job.targets:
         shape = form.shape((spec.normalize.channels, *spec.size))
         arrays["grad"] = {"shape": list(shape), "dtype": job.grad_dtype, "per": "view"}

@@ -196,7 +196,7 @@ class OnlineTeacher(TeacherSource):
             hw=[(t.shape[1], t.shape[2]) for t in taps],
             num_classes=graph.num_classes,
             dct_variants=variants,
-            grad_form=parse_form(cfg.grad_form, tuple(spec.size)),
+            grad_form=parse_form(cfg.grad_form, (spec.size[0], spec.size[1])),
             taps=[
                 {"name": t.name, "layout": t.layout, "block": t.block, "module_path": t.module_path}
                 for t in taps
