@@ -131,9 +131,8 @@ class CacheWriter:
             self._journal_fd = os.open(jpath, os.O_RDONLY) if jpath.exists() else -1
         else:
             self._journal_fd = os.open(jpath, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
-        if (
-            j.torn_tail and not self.read_only
-        ):  # a crash mid-append: drop the partial line so the next line starts clean
+        # a crash mid-append: drop the partial line so the next line starts clean
+        if j.torn_tail and not self.read_only:
             os.ftruncate(self._journal_fd, j.good_bytes)
             os.fsync(self._journal_fd)
         self._done = {c: crc for c, crc in j.done.items() if c in self.chunks}
