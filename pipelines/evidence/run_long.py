@@ -372,7 +372,7 @@ class Plan:
             ("fixed", lambda: self.fixed(2)),
             ("weak", lambda: self.weak_runs(2)),
             ("methods", lambda: self.methods(1, WIDE, ["ce", "kd"])),
-            # not reached yet (15 runs, 4-7 core-hours): WRN-16-2 on 3 seeds for every method but grad-at
+            # not reached yet (13 runs, 3.5-6 core-hours): WRN-16-2 on 3 seeds for every method but grad-at
             ("methods", lambda: self.methods(1, WIDE, ["at", "at+kd"])),
             ("methods", lambda: self.methods(2, WIDE, ["ce", "kd", "at", "at+kd"])),
             ("methods", lambda: [self.methods(s, WIDE, ["dct", "dct+kd", "afd+kd"]) for s in (0, 1, 2)]),
