@@ -267,6 +267,10 @@ class Plan:
         self.k = {k: q.add_cache(f"{A}/cache-k{k}", teacher_cache_args(A, k)) for k in (0, 4, 16, 32)}
         self.grad = q.add_cache(f"{A}/cache-k8-grad", teacher_cache_args(A, 8, "--targets", GRAD_TARGETS))
         self.pre = q.add_cache(f"{A}/cache-k8-preact", teacher_cache_args(A, 8, "--taps", PREACT_TEACHER))
+        self.digits_main = q.add_cache("digits/cache-k8", teacher_cache_args("digits", 8))
+        self.digits_grad = q.add_cache(
+            "digits/cache-k8-grad", teacher_cache_args("digits", 8, "--targets", GRAD_TARGETS)
+        )
         self.npz = holdout_npz(q.out)
         fit_data = ["--data", str(self.npz), "--views", "8", "--pad", "2", "--flip"]
         self.fit = q.add_cache("fit/cache-k8", teacher_cache_args(A, 8)[:3] + fit_data)
@@ -281,8 +285,7 @@ class Plan:
             self.add(Job("methods", A, f"{prefix}cache-k8-{m}-s{seed}", args, [f"{A}/cache-k8"]))
 
     def grad_at(self, data: str, seed: int) -> None:
-        cache = self.grad if data == A else self.q.add_cache(f"{data}/cache-k8-grad", teacher_cache_args(
-            data, 8, "--targets", GRAD_TARGETS))  # fmt: skip
+        cache = self.grad if data == A else self.digits_grad
         args = student_args(data, cache, "resnet8", "grad-at", seed)
         self.add(Job("methods" if data == A else "digits", data, f"cache-k8-grad-at-s{seed}", args,
                      [f"{data}/cache-k8-grad"]))  # fmt: skip
@@ -331,8 +334,7 @@ class Plan:
         self.add(Job("preact", A, f"preact-k8-at-s{seed}", args, [f"{A}/cache-k8-preact"]))
 
     def digits(self, seed: int) -> None:
-        d = "digits"
-        cache = self.q.add_cache(f"{d}/cache-k8", teacher_cache_args(d, 8))
+        d, cache = "digits", self.digits_main
         for m in METHODS:
             self.add(Job("digits", d, f"cache-k8-{m}-s{seed}", student_args(d, cache, "resnet8", m, seed),
                          [f"{d}/cache-k8"]))  # fmt: skip
@@ -341,8 +343,7 @@ class Plan:
     def digits_remedy(self, seed: int) -> None:
         """The tap weights that the animals held-out split picked, on digits as they are (not re-tuned)."""
         d = "digits"
-        cache = self.q.add_cache(f"{d}/cache-k8", teacher_cache_args(d, 8))
-        args = student_args(d, cache, "resnet8", "at", seed, *REMEDIES["taps"])
+        args = student_args(d, self.digits_main, "resnet8", "at", seed, *REMEDIES["taps"])
         self.add(Job("digits", d, f"cache-k8-at-taps-s{seed}", args, [f"{d}/cache-k8"]))
 
     def order(self) -> list[tuple[str, Callable[[], object]]]:
