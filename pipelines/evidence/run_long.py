@@ -66,12 +66,12 @@ class Job:
     args: list[str] | Callable[[], list[str] | None]  # None: skip the run
     caches: list[str] = field(default_factory=list)
     after: list[str] = field(default_factory=list)  # "DATA/NAME" of the jobs whose results ``args`` reads
+    export: bool = False  # keep its student.onnx (a teacher for a later cache)
+    feeds: list[str] = field(default_factory=list)  # caches made from its ONNX: skipped when none is needed
 
     @property
     def key(self) -> str:
         return f"{self.data}/{self.name}"  # names repeat across datasets (cache-k8-ce-s0 on each)
-
-    export: bool = False
 
 
 class Queue:
@@ -111,9 +111,20 @@ class Queue:
             flags = ["--out", str(path), "--threads", "1", "--no-spin", "--no-progress"]
             kdpipe("cache-teacher", *args, *flags, quiet=True)
 
+    def needed(self, caches: list[str]) -> bool:
+        """Whether a queued run that reads one of CACHES is not finished yet."""
+        return any(
+            not (self.out / j.data / "runs" / j.name / "summary.json").exists()
+            for j in self.jobs
+            if set(j.caches) & set(caches)
+        )
+
     def run(self, job: Job) -> None:
         run = self.out / job.data / "runs" / job.name
         if (run / "summary.json").exists():  # before the caches: a finished run needs none of them
+            return
+        if job.feeds and not self.needed(job.feeds):
+            print(f"skipped {job.key}: every run that reads {', '.join(job.feeds)} is done", flush=True)
             return
         for name in job.after:
             self.futures[name].result()
@@ -216,8 +227,9 @@ def best_remedy(out: Path) -> str | None:
 def restore(record: Path, out: Path) -> None:
     """Recreate the finished runs of a committed docs/results-long.json under OUT (summary.json and
     metrics.jsonl; no checkpoints), so a queue on a new machine skips them and --report keeps them.
-    Runs with an export (the weak teacher, whose ONNX a cache needs) are not restored: they rerun, and
-    their recorded curve goes to OUT/DATA/recorded/, which ``check_rerun`` compares the rerun with."""
+    Runs with an export (the weak teacher, whose ONNX a cache needs) are not restored: they rerun if a
+    run that reads that cache is not finished, and their recorded curve goes to OUT/DATA/recorded/,
+    which ``check_rerun`` compares the rerun with."""
     n = 0
     for data, groups in json.loads(record.read_text()).items():
         for name, runs in groups.items():
@@ -284,10 +296,11 @@ class Plan:
             args = student_args(A, self.main, student, m, seed)
             self.add(Job("methods", A, f"{prefix}cache-k8-{m}-s{seed}", args, [f"{A}/cache-k8"]))
 
-    def grad_at(self, data: str, seed: int) -> None:
+    def grad_at(self, data: str, seed: int, student: str = "resnet8") -> None:
         cache = self.grad if data == A else self.digits_grad
-        args = student_args(data, cache, "resnet8", "grad-at", seed)
-        self.add(Job("methods" if data == A else "digits", data, f"cache-k8-grad-at-s{seed}", args,
+        prefix = "" if student == "resnet8" else f"{student}-"
+        args = student_args(data, cache, student, "grad-at", seed)
+        self.add(Job("methods" if data == A else "digits", data, f"{prefix}cache-k8-grad-at-s{seed}", args,
                      [f"{data}/cache-k8-grad"]))  # fmt: skip
 
     def fixed(self, seed: int) -> None:
@@ -324,7 +337,8 @@ class Plan:
     def weak_runs(self, seed: int, names: tuple[str, ...] = ("kd", "at", "at+kd")) -> None:
         if not any(j.name == "teacher-r8-s100" for j in self.q.jobs):
             args = student_args(A, self.main, "resnet8", "ce", 100)
-            self.add(Job("weak", A, "teacher-r8-s100", args, [f"{A}/cache-k8"], export=True))
+            self.add(Job("weak", A, "teacher-r8-s100", args, [f"{A}/cache-k8"], export=True,
+                         feeds=[f"{A}/cache-k8-weak"]))  # fmt: skip
         for m in names:
             args = student_args(A, self.weak, "resnet8", m, seed)
             self.add(Job("weak", A, f"weak-k8-{m}-s{seed}", args, [f"{A}/cache-k8-weak"]))
@@ -373,10 +387,10 @@ class Plan:
             ("fixed", lambda: self.fixed(2)),
             ("weak", lambda: self.weak_runs(2)),
             ("methods", lambda: self.methods(1, WIDE, ["ce", "kd"])),
-            # not reached yet (13 runs, 3.5-6 core-hours): WRN-16-2 on 3 seeds for every method but grad-at
             ("methods", lambda: self.methods(1, WIDE, ["at", "at+kd"])),
             ("methods", lambda: self.methods(2, WIDE, ["ce", "kd", "at", "at+kd"])),
             ("methods", lambda: [self.methods(s, WIDE, ["dct", "dct+kd", "afd+kd"]) for s in (0, 1, 2)]),
+            ("methods", lambda: [self.grad_at(A, s, WIDE) for s in (0, 1, 2)]),
         ]
 
 
