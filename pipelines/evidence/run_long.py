@@ -193,6 +193,11 @@ def student_args(data: str, cache: str, student: str, method: str, seed: int, *e
             "--method", method, "--seed", str(seed), *extra]  # fmt: skip
 
 
+def student_prefix(student: str) -> str:
+    """The run-name prefix of a student: none for the default ResNet-8 ("wrn_16_2-" for WRN-16-2)."""
+    return "" if student == "resnet8" else f"{student}-"
+
+
 def holdout_npz(out: Path) -> Path:
     """7/8 of animals' training split as x/y and the other 1/8 (every 8th image of each class) as
     x_val/y_val: the data on which AT's remedies are chosen."""
@@ -291,14 +296,14 @@ class Plan:
                                 after=(f"{A}/teacher-r8-s100",))  # fmt: skip
 
     def methods(self, seed: int, student: str = "resnet8", names: list[str] = METHODS) -> None:
-        prefix = "" if student == "resnet8" else f"{student}-"
+        prefix = student_prefix(student)
         for m in names:
             args = student_args(A, self.main, student, m, seed)
             self.add(Job("methods", A, f"{prefix}cache-k8-{m}-s{seed}", args, [f"{A}/cache-k8"]))
 
     def grad_at(self, data: str, seed: int, student: str = "resnet8") -> None:
         cache = self.grad if data == A else self.digits_grad
-        prefix = "" if student == "resnet8" else f"{student}-"
+        prefix = student_prefix(student)
         args = student_args(data, cache, student, "grad-at", seed)
         self.add(Job("methods" if data == A else "digits", data, f"{prefix}cache-k8-grad-at-s{seed}", args,
                      [f"{data}/cache-k8-grad"]))  # fmt: skip
