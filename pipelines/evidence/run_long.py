@@ -67,7 +67,6 @@ class Job:
     caches: list[str] = field(default_factory=list)
     after: list[str] = field(default_factory=list)  # "DATA/NAME" of the jobs whose results ``args`` reads
     export: bool = False  # keep its student.onnx (a teacher for a later cache)
-    feeds: list[str] = field(default_factory=list)  # caches made from its ONNX: skipped when none is needed
 
     @property
     def key(self) -> str:
@@ -111,27 +110,29 @@ class Queue:
             flags = ["--out", str(path), "--threads", "1", "--no-spin", "--no-progress"]
             kdpipe("cache-teacher", *args, *flags, quiet=True)
 
-    def needed(self, caches: list[str]) -> bool:
-        """Whether a queued run that reads one of CACHES is not finished yet."""
-        return any(
-            not (self.out / j.data / "runs" / j.name / "summary.json").exists()
-            for j in self.jobs
-            if set(j.caches) & set(caches)
-        )
+    def done(self, job: Job) -> bool:
+        return (self.out / job.data / "runs" / job.name / "summary.json").exists()
+
+    def feeds_nothing(self, job: Job) -> list[str]:
+        """The caches built after JOB (from its ONNX) when every run that reads them is done, else []."""
+        feeds = [key for key, (_, after) in self.caches.items() if job.key in after]
+        if any(not self.done(j) for j in self.jobs if set(j.caches) & set(feeds)):
+            return []
+        return feeds
 
     def run(self, job: Job) -> None:
         run = self.out / job.data / "runs" / job.name
-        if (run / "summary.json").exists():  # before the caches: a finished run needs none of them
+        if self.done(job):  # before the caches: a finished run needs none of them
             return
-        if job.feeds and not self.needed(job.feeds):
-            print(f"skipped {job.key}: every run that reads {', '.join(job.feeds)} is done", flush=True)
+        if feeds := self.feeds_nothing(job):
+            print(f"skipped {job.key}: every run that reads {', '.join(feeds)} is done", flush=True)
             return
         for name in job.after:
             self.futures[name].result()
         for key in job.caches:
             self.ensure_cache(key)
         wait_for_others("distill", run)
-        if (run / "summary.json").exists():
+        if self.done(job):
             return
         if run.exists():
             shutil.rmtree(run)
@@ -342,8 +343,7 @@ class Plan:
     def weak_runs(self, seed: int, names: tuple[str, ...] = ("kd", "at", "at+kd")) -> None:
         if not any(j.name == "teacher-r8-s100" for j in self.q.jobs):
             args = student_args(A, self.main, "resnet8", "ce", 100)
-            self.add(Job("weak", A, "teacher-r8-s100", args, [f"{A}/cache-k8"], export=True,
-                         feeds=[f"{A}/cache-k8-weak"]))  # fmt: skip
+            self.add(Job("weak", A, "teacher-r8-s100", args, [f"{A}/cache-k8"], export=True))
         for m in names:
             args = student_args(A, self.weak, "resnet8", m, seed)
             self.add(Job("weak", A, f"weak-k8-{m}-s{seed}", args, [f"{A}/cache-k8-weak"]))
