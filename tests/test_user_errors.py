@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from _distill import cached, distill_args, export_quiet, run_cli, run_ok, teacher, train_data
@@ -22,6 +23,7 @@ from PIL import Image
 
 import kdpipe.cache as kc
 from kdpipe.cache import format as fmt
+from kdpipe.errors import KdpipeError
 
 
 def _one_line(r, *expect: str) -> str:
@@ -71,6 +73,44 @@ def test_model_without_an_image_input(tmp_path: Path) -> None:
 
     path = export_quiet(Vec(), torch.zeros(2, 5), tmp_path / "vec.onnx")
     _one_line(_cache(str(path), train_data(), tmp_path / "c"), "no image-like", "vec.onnx")
+
+
+def _folded_teacher(path: Path) -> str:
+    """(N, 1, 16, 16) -> Conv -> Relu "r" -> Reshape to (4N, 4, 8, 8) -> Conv "c"; logits from "r".
+    Static shape inference gives "c" (None, 4, 8, 8), like a batch-first map (a video teacher that folds
+    time into the batch looks the same)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    arrays = {"W": rng.random((4, 1, 3, 3)), "W2": rng.random((4, 4, 1, 1)), "Wl": rng.random((4, 4))}
+    init = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in arrays.items()]
+    init.append(numpy_helper.from_array(np.array([-1, 4, 8, 8], np.int64), "fold"))
+    ops = [("Conv", ["x", "W"], "y", {"pads": [1, 1, 1, 1]}), ("Relu", ["y"], "r", {}),
+           ("Reshape", ["r", "fold"], "f", {}), ("Conv", ["f", "W2"], "c", {}),
+           ("GlobalAveragePool", ["r"], "g", {}), ("Flatten", ["g"], "fl", {}),
+           ("MatMul", ["fl", "Wl"], "logits", {})]  # fmt: skip
+    nodes = [helper.make_node(op, ins, [out], **kw) for op, ins, out, kw in ops]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 16, 16])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])
+    graph = helper.make_graph(nodes, "folded", [x], [y], init)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return str(path)
+
+
+@pytest.mark.parametrize("reduce", ["graph", "native"])
+def test_tap_whose_batch_is_folded_into_axis_0(tmp_path: Path, reduce: str) -> None:
+    path = _folded_teacher(tmp_path / "folded.onnx")
+    out = tmp_path / "c"
+    r = _cache(path, train_data(), out, "--taps", "c", "--reduce", reduce)
+    assert r.exit_code == 2 and "Traceback" not in r.stderr + r.stdout, r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("kdpipe: error: ")]  # after the tap line
+    assert errors == [r.stderr.strip().splitlines()[-1]], r.stderr
+    assert "'c' gives 512 rows for an input batch of 128" in errors[0] and "--taps" in errors[0]
+    assert not (out / fmt.COMPLETE).exists()
+    with pytest.raises(KdpipeError, match="not complete|unfinished|incomplete"):
+        kc.open(out)  # never trained on
+    r = _cache(path, train_data(), tmp_path / "c2", "--taps", "r", "--reduce", reduce)
+    assert r.exit_code == 0, r.stderr  # the batch-first tap of the same teacher caches
 
 
 def test_unknown_card_key(tmp_path: Path) -> None:

@@ -200,12 +200,34 @@ class TeacherRunner:
         parts = [self._session_run(x[i : i + 1]) for i in range(x.shape[0])]  # fixed batch of 1
         return [np.concatenate(col, axis=0) for col in zip(*parts, strict=True)]
 
+    def _origin(self, name: str) -> str:
+        """The graph tensor (a tap or the logits) that session output ``name`` comes from."""
+        keyed = {**self._reduced, **self._attn}
+        key = next((k for k, v in keyed.items() if v == name), None)
+        if key is None:
+            grid = next((i for i, t in enumerate(self._grid_taps) if t.name == name), None)
+            return name if grid is None else self.taps[grid].name
+        return self.taps[int(key.rsplit(".", 1)[1])].name
+
+    def _check_batch(self, vals: dict[str, np.ndarray], batch: int) -> None:
+        """A tap whose batch is folded into axis 0 ((B*T, C, H, W): static shape inference calls its
+        axis 0 unknown, like a batch) gives B*T rows: refused here, before its targets are built."""
+        for name, v in vals.items():
+            if v.ndim == 0 or v.shape[0] != batch:
+                rows = v.shape[0] if v.ndim else 0
+                raise KdpipeError(
+                    f"teacher tensor {self._origin(name)!r} gives {rows} rows for an input batch of {batch}: "
+                    "its axis 0 is not the batch (folded or moved); choose other taps with --taps "
+                    "(`kdpipe inspect` lists them)"
+                )
+
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Targets of one input batch ``x`` (float32, the model's input shape and layout)."""
         expect = [d for d in self.graph.input.shape[1:]]
         if x.ndim != 4 or any(e is not None and e != s for e, s in zip(expect, x.shape[1:], strict=True)):
             raise KdpipeError(f"teacher input batch has shape {x.shape}; the model expects (B, {expect})")
         vals = dict(zip(self._names, self._forward(x), strict=True))
+        self._check_batch(vals, x.shape[0])
         out: dict[str, np.ndarray] = {}
         if "logits" in self.targets:
             out["logits"] = np.asarray(vals[self.graph.logits_name], dtype=np.float32)
