@@ -27,17 +27,25 @@ MAP_SAMPLE = 4000
 
 
 def load_runs(out: Path) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """data -> group name (run name without -sSEED) -> the runs: summary plus "curve" (epoch records)."""
+    """data -> group name (run name without -sSEED) -> the runs: summary plus "curve" (epoch records).
+
+    A restored record of an exporting run (the weak teacher, OUT/DATA/recorded/) whose run is absent,
+    because the queue skipped it once nothing needed its ONNX, is taken as recorded."""
     table: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for runs in sorted(out.glob("*/runs")):
-        for run in sorted(runs.iterdir()):
+    for data in sorted({p.parent.name for p in [*out.glob("*/runs"), *out.glob("*/recorded")]}):
+        found: dict[str, dict[str, Any]] = {}
+        for rec_file in sorted((out / data / "recorded").glob("*.json")):
+            found[rec_file.stem] = json.loads(rec_file.read_text())
+        runs = out / data / "runs"
+        for run in sorted(runs.iterdir()) if runs.is_dir() else []:
             s = run / "summary.json"
             if not s.exists():
                 continue
             curve = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-            name, seed = run.name.rsplit("-s", 1)
-            rec = json.loads(s.read_text()) | {"curve": curve, "run_seed": int(seed)}
-            table.setdefault(runs.parent.name, {}).setdefault(name, []).append(rec)
+            seed = int(run.name.rsplit("-s", 1)[1])
+            found[run.name] = json.loads(s.read_text()) | {"curve": curve, "run_seed": seed}
+        for run_name in sorted(found):
+            table.setdefault(data, {}).setdefault(run_name.rsplit("-s", 1)[0], []).append(found[run_name])
     return table
 
 
