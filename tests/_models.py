@@ -253,3 +253,25 @@ def reference_targets(f: np.ndarray, axis: int) -> dict[str, np.ndarray]:
         lo, hi = r.min(axis=(1, 2), keepdims=True), r.max(axis=(1, 2), keepdims=True)
         out[f"dct.{v}"] = (r - lo) / (hi if v == "dft-abs" else hi - lo)
     return out
+
+
+def ops_model(
+    path: str | os.PathLike[str],
+    ops: list[tuple[str, list[str], str, dict]],
+    inits: dict[str, np.ndarray],
+    x_shape: list[str | int],
+    logits_shape: list[str | int],
+) -> str:
+    """Save a hand-built ONNX graph (opset 17): float input "x" of ``x_shape`` -> ``ops``, each
+    (op_type, inputs, output, attributes) -> float output "logits" of ``logits_shape``; ``inits`` are
+    its constants, in their own dtypes. Returns the path."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node(op, ins, [out], **kw) for op, ins, out, kw in ops]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, logits_shape)
+    init = [numpy_helper.from_array(v, k) for k, v in inits.items()]
+    graph = helper.make_graph(nodes, os.path.basename(os.fspath(path)), [x], [y], init)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), os.fspath(path))
+    return os.fspath(path)

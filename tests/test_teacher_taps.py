@@ -236,27 +236,20 @@ def test_shapes_completed_by_a_dummy_run_are_batch_first_or_left_unknown(tmp_pat
     transpose (B, 1, 256). Every (None, ...) shape load_teacher records must hold at batch 3
     (onnxruntime, every tensor an output); the sequence-first tensor is never recorded batch-first."""
     import numpy as np
-    from onnx import TensorProto, numpy_helper
+    from onnx import TensorProto
 
     rng = np.random.default_rng(0)
     consts = {"W": rng.random((4, 3, 3, 3)), "Wl": rng.random((256, 5)), "zero": np.array(0),
               "ax": np.array([0]), "one": np.array([1]), "m1": np.array([-1]),
               "flat": np.array([0, -1])}  # fmt: skip
-    init = [
-        numpy_helper.from_array(v.astype(np.float32 if k[0] == "W" else np.int64), k)
-        for k, v in consts.items()
-    ]
+    inits = {k: v.astype(np.float32 if k[0] == "W" else np.int64) for k, v in consts.items()}
     ops = [("Conv", ["x", "W"], "y", {"pads": [1, 1, 1, 1]}), ("Relu", ["y"], "r", {}),
            ("Shape", ["r"], "s", {}), ("Gather", ["s", "zero"], "b", {"axis": 0}),
            ("Unsqueeze", ["b", "ax"], "b1", {}), ("Concat", ["one", "b1", "m1"], "newshape", {"axis": 0}),
            ("Reshape", ["r", "newshape"], "t", {}), ("Transpose", ["t"], "tt", {"perm": [1, 0, 2]}),
            ("Reshape", ["tt", "flat"], "f", {}), ("MatMul", ["f", "Wl"], "logits", {})]  # fmt: skip
-    nodes = [helper.make_node(op, ins, [out], **kw) for op, ins, out, kw in ops]
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])
-    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])
-    graph = helper.make_graph(nodes, "seq_first", [x], [y], init)
     path = tmp_path / "seq_first.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    M.ops_model(path, ops, inits, ["N", 3, 8, 8], ["N", 5])
     g = load_teacher(str(path))
     names = ["y", "r", "t", "tt", "f", "logits"]
     m = onnx.load(path)

@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 import torch
 from _distill import cached, distill_args, export_quiet, run_cli, run_ok, teacher, train_data
+from _models import ops_model
 from PIL import Image
 
 import kdpipe.cache as kc
@@ -79,22 +79,14 @@ def _folded_teacher(path: Path) -> str:
     """(N, 1, 16, 16) -> Conv -> Relu "r" -> Reshape to (4N, 4, 8, 8) -> Conv "c"; logits from "r".
     Static shape inference gives "c" (None, 4, 8, 8), like a batch-first map (a video teacher that folds
     time into the batch looks the same)."""
-    from onnx import TensorProto, helper, numpy_helper
-
     rng = np.random.default_rng(0)
     arrays = {"W": rng.random((4, 1, 3, 3)), "W2": rng.random((4, 4, 1, 1)), "Wl": rng.random((4, 4))}
-    init = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in arrays.items()]
-    init.append(numpy_helper.from_array(np.array([-1, 4, 8, 8], np.int64), "fold"))
+    inits = {k: v.astype(np.float32) for k, v in arrays.items()} | {"fold": np.array([-1, 4, 8, 8], np.int64)}
     ops = [("Conv", ["x", "W"], "y", {"pads": [1, 1, 1, 1]}), ("Relu", ["y"], "r", {}),
            ("Reshape", ["r", "fold"], "f", {}), ("Conv", ["f", "W2"], "c", {}),
            ("GlobalAveragePool", ["r"], "g", {}), ("Flatten", ["g"], "fl", {}),
            ("MatMul", ["fl", "Wl"], "logits", {})]  # fmt: skip
-    nodes = [helper.make_node(op, ins, [out], **kw) for op, ins, out, kw in ops]
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 16, 16])
-    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])
-    graph = helper.make_graph(nodes, "folded", [x], [y], init)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    return str(path)
+    return ops_model(path, ops, inits, ["N", 1, 16, 16], ["N", 4])
 
 
 @pytest.mark.parametrize("reduce", ["graph", "native"])
